@@ -1,0 +1,6 @@
+"""Shared test settings: deterministic, single-threaded where timing would otherwise wander."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
