@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The embedded set-up: SQLite and every artifact under DATA_DIR, loopback only, no keys.
+DATA_DIR ?= ./data
+
 serve: $(STAMP)
-	$(BIN)/gmnm serve
+	$(BIN)/gmnm serve --data-dir $(DATA_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

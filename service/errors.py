@@ -1,0 +1,142 @@
+"""The one error envelope: every 4xx and 5xx answers `{"error": {message, type, param, code}}`.
+
+Routing errors (404, 405), request validation (which names the offending field) and unexpected
+exceptions all go through the handlers installed by `install_error_handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """What every failed request returns."""
+
+    error: ErrorBody
+
+
+class ApiError(Exception):
+    """An error the API reports to the caller; `status` is the HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
+    return ApiError(
+        404,
+        f"No {kind} with id '{object_id}' exists (or it belongs to another API key); "
+        f"list them with GET to find a valid id.",
+        param=param,
+        code="not_found",
+    )
+
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def envelope(status: int, message: str, **fields: Any) -> JSONResponse:
+    body = ErrorBody(
+        message=message,
+        type=fields.get("type") or _STATUS_TYPES.get(status, "server_error"),
+        param=fields.get("param"),
+        code=fields.get("code"),
+    )
+    return JSONResponse(
+        {"error": body.model_dump()}, status_code=status, headers=fields.get("headers")
+    )
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # The first element says where the value came from (body, query, path, header).
+    parts = [str(part) for part in loc[1:]] if len(loc) > 1 else [str(part) for part in loc]
+    return ".".join(parts)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return envelope(
+        exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, headers=exc.headers
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"No route {request.method} {request.url.path}; see /docs for the API."
+        code = "not_found"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see /docs."
+        code = "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    return envelope(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        path = _field_path(tuple(error.get("loc", ())))
+        problems.append((path, f"{path}: {error.get('msg', 'invalid')}"))
+    param = problems[0][0] if problems else None
+    message = "Invalid request: " + "; ".join(text for _, text in problems)
+    return envelope(400, message, param=param, code="invalid_value")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return envelope(
+        500,
+        f"The server failed on this request ({type(exc).__name__}); the server log has the "
+        "traceback. Retry, and report it if it persists.",
+        type="server_error",
+        code="internal_error",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,118 @@
+"""Checkpoints: their description, a deterministic archive of their directory, and curves."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from service.archive import write_archive
+from service.context import Context, Owner, ServiceContext
+from service.db import CheckpointRecord
+from service.errors import ApiError, not_found
+from service.jobs import checkpoint_public
+from service.schemas import CheckpointPublic
+from training import protocol
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+
+# One archive build per checkpoint at a time; later requests wait and reuse it.
+_build_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _owned(context: ServiceContext, owner: str, checkpoint_id: str) -> CheckpointRecord:
+    with context.db.read() as session:
+        record = session.get(CheckpointRecord, checkpoint_id)
+    if record is None or record.owner != owner:
+        raise not_found("checkpoint", checkpoint_id)
+    return record
+
+
+def ensure_archive(context: ServiceContext, record: CheckpointRecord) -> CheckpointRecord:
+    """Build the checkpoint's archive once, and record its sha256 and size."""
+    archive = context.layout.archive_path(record.id)
+    if record.sha256 is not None and archive.exists():
+        return record
+    with _locks_guard:
+        lock = _build_locks.setdefault(record.id, threading.Lock())
+    with lock:
+        with context.db.read() as session:
+            fresh = session.get(CheckpointRecord, record.id)
+        if fresh is not None and fresh.sha256 is not None and archive.exists():
+            return fresh
+        source = context.layout.root / record.path
+        if not source.is_dir():
+            raise ApiError(
+                410,
+                f"Checkpoint {record.id} is recorded but its directory is gone from the data "
+                "directory; it cannot be downloaded.",
+                type="invalid_request_error",
+                code="checkpoint_missing",
+            )
+        sha256, size = write_archive(source, archive, top=record.id)
+        with context.db.write() as session:
+            row = session.get(CheckpointRecord, record.id)
+            assert row is not None
+            row.sha256, row.size = sha256, size
+            session.flush()
+            session.expunge(row)
+        logger.info("archived checkpoint %s (%d bytes, sha256 %s)", record.id, size, sha256)
+        return row
+
+
+@router.get("/{checkpoint_id}", response_model=CheckpointPublic)
+def retrieve_checkpoint(checkpoint_id: str, context: Context, owner: Owner) -> Any:
+    """A checkpoint's step, metrics, and the sha256 and size of its archive."""
+    record = ensure_archive(context, _owned(context, owner, checkpoint_id))
+    return checkpoint_public(record)
+
+
+@router.get(
+    "/{checkpoint_id}/content",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/x-tar": {}}}},
+)
+def checkpoint_content(
+    checkpoint_id: str, request: Request, context: Context, owner: Owner
+) -> Response:
+    """The checkpoint directory as an uncompressed tar under one folder named after its id.
+
+    The archive is byte-for-byte reproducible: its sha256 is the `ETag` and the
+    `X-Checkpoint-SHA256` header. Range requests resume an interrupted download. Extract it and
+    open the folder with `surgery.load`.
+    """
+    record = ensure_archive(context, _owned(context, owner, checkpoint_id))
+    etag = f'"{record.sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(
+        context.layout.archive_path(record.id),
+        media_type="application/x-tar",
+        filename=f"{record.id}.tar",
+        headers={"ETag": etag, "X-Checkpoint-SHA256": str(record.sha256)},
+    )
+
+
+@router.get(
+    "/{checkpoint_id}/curves.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def checkpoint_curves(checkpoint_id: str, context: Context, owner: Owner) -> Response:
+    """The training and validation curves of the job that wrote this checkpoint (PNG)."""
+    record = _owned(context, owner, checkpoint_id)
+    path = context.layout.job_dir(record.job_id) / protocol.CURVES_FILE
+    if not path.is_file():
+        raise ApiError(
+            404,
+            f"The job that wrote checkpoint {record.id} has not drawn its curves yet; they "
+            "appear when a fine-tune finishes.",
+            code="curves_not_found",
+        )
+    return FileResponse(path, media_type="image/png")

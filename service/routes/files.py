@@ -1,0 +1,198 @@
+"""Uploaded data files: training and validation data, and the result files jobs produce."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+from sqlalchemy import and_, or_, select
+from starlette.concurrency import run_in_threadpool
+
+from service.context import Context, Owner
+from service.db import FileRecord
+from service.errors import ApiError, not_found
+from service.jobs import MAX_PAGE, page
+from service.layout import FILE_PREFIX, new_id
+from service.schemas import FileDeleted, FilePublic, Page
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+PURPOSES = ("fine-tune", "evaluation")
+_CHUNK = 1 << 20
+
+
+def file_public(record: FileRecord) -> FilePublic:
+    return FilePublic(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=int(record.created_at),
+        filename=record.filename,
+        purpose=record.purpose,
+        sha256=record.sha256,
+        format=record.format,
+        rows=record.rows,
+    )
+
+
+def _owned_file(context: Context, owner: str, file_id: str) -> FileRecord:
+    with context.db.read() as session:
+        record = session.get(FileRecord, file_id)
+    if record is None or record.owner != owner:
+        raise not_found("file", file_id)
+    return record
+
+
+def _inspect(path: Path, filename: str) -> tuple[str | None, int | None]:
+    """The data format and row count, refusing a file the training engine could not read."""
+    try:
+        from training.data import inspect_file
+
+        from training.errors import DataError
+    except ImportError:
+        logger.warning("training.data is not installed; storing %s without validation", filename)
+        return None, None
+    named = path.with_name(f"{path.name}-{Path(filename).name}")
+    os.link(path, named)  # the engine recognises formats by their extension
+    try:
+        info = inspect_file(named)
+    except DataError as error:
+        raise ApiError(
+            400,
+            f"file: {filename} is not usable training data: {error}",
+            param="file",
+            code="invalid_file",
+        ) from error
+    finally:
+        named.unlink(missing_ok=True)
+    return getattr(info, "format", None), getattr(info, "rows", None)
+
+
+async def _store(upload: UploadFile, destination: Path, limit: int) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with destination.open("wb") as handle:
+        while chunk := await upload.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413,
+                    f"file: the upload is larger than this server's limit of {limit} bytes "
+                    "(GMNM_MAX_UPLOAD_BYTES); split the data or ask the operator to raise it.",
+                    param="file",
+                    code="file_too_large",
+                )
+            digest.update(chunk)
+            handle.write(chunk)
+    return size, digest.hexdigest()
+
+
+@router.post("", response_model=FilePublic, status_code=200)
+async def create_file(
+    context: Context,
+    owner: Owner,
+    file: UploadFile,
+    purpose: Annotated[str, Form()] = "fine-tune",
+) -> FilePublic:
+    """Upload a data file (multipart form: `file`, `purpose`).
+
+    JSONL, CSV and plain text files and image archives are accepted. The file is checked the
+    way a job will read it; the answer gives its format, row count and sha256.
+    """
+    if purpose not in PURPOSES:
+        raise ApiError(
+            400,
+            f"purpose: '{purpose}' is not accepted; use one of {', '.join(PURPOSES)}.",
+            param="purpose",
+        )
+    filename = Path(file.filename or "upload").name
+    file_id = new_id(FILE_PREFIX)
+    path = context.layout.file_path(file_id)
+    partial = path.with_name(f".{file_id}.part")
+    try:
+        size, sha256 = await _store(file, partial, context.settings.max_upload_bytes)
+        if size == 0:
+            raise ApiError(400, f"file: {filename} is empty.", param="file", code="invalid_file")
+        data_format, rows = await run_in_threadpool(_inspect, partial, filename)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    record = FileRecord(
+        id=file_id,
+        owner=owner,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        sha256=sha256,
+        format=data_format,
+        rows=rows,
+        created_at=time.time(),
+    )
+    with context.db.write() as session:
+        session.add(record)
+    logger.info("stored file %s (%s, %d bytes)", file_id, filename, size)
+    return file_public(record)
+
+
+@router.get("", response_model=Page[FilePublic])
+def list_files(
+    context: Context,
+    owner: Owner,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    purpose: str | None = None,
+) -> Page[Any]:
+    """List this key's files, newest first."""
+    with context.db.read() as session:
+        query = select(FileRecord).where(FileRecord.owner == owner)
+        if purpose is not None:
+            query = query.where(FileRecord.purpose == purpose)
+        if after is not None:
+            anchor = session.get(FileRecord, after)
+            if anchor is None or anchor.owner != owner:
+                raise not_found("file", after, param="after")
+            query = query.where(
+                or_(
+                    FileRecord.created_at < anchor.created_at,
+                    and_(FileRecord.created_at == anchor.created_at, FileRecord.id < anchor.id),
+                )
+            )
+        order = (FileRecord.created_at.desc(), FileRecord.id.desc())
+        rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    return page([file_public(row) for row in rows[:limit]], len(rows) > limit)
+
+
+@router.get("/{file_id}", response_model=FilePublic)
+def retrieve_file(context: Context, owner: Owner, file_id: str) -> FilePublic:
+    """One file's description."""
+    return file_public(_owned_file(context, owner, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def file_content(context: Context, owner: Owner, file_id: str) -> FileResponse:
+    """The file's bytes, as uploaded (or as the job wrote them, for result files)."""
+    record = _owned_file(context, owner, file_id)
+    return FileResponse(
+        context.layout.file_path(record.id),
+        filename=record.filename,
+        headers={"ETag": f'"{record.sha256}"'},
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(context: Context, owner: Owner, file_id: str) -> FileDeleted:
+    """Delete a file. A queued job that names it fails with `invalid_data` when it starts."""
+    record = _owned_file(context, owner, file_id)
+    with context.db.write() as session:
+        row = session.get(FileRecord, record.id)
+        if row is not None:
+            session.delete(row)
+    context.layout.file_path(record.id).unlink(missing_ok=True)
+    return FileDeleted(id=record.id)

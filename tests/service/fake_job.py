@@ -1,0 +1,134 @@
+"""A job program that follows training.protocol without training anything, for supervisor tests.
+
+    python fake_job.py --spec spec.json --out DIR [--resume] [knobs]
+
+It counts steps (sleeping between them), writes an event per step, a checkpoint every few steps
+and at the end, stops with a checkpoint on SIGTERM or a CANCEL file, and resumes from its newest
+checkpoint. Knobs make it fail, ignore SIGTERM, or start a child process in its group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training import protocol
+
+# smallest valid PNG: 1x1 grey pixel
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+    "3a7e9b550000000a49444154789c63600000000200015e2f6f3f0000000049454e44ae426082"
+)
+
+stop_requested = False
+
+
+def on_sigterm(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+def event(out: Path, **fields) -> None:
+    fields.setdefault("time", time.time())
+    fields.setdefault("step", None)
+    fields.setdefault("message", "")
+    with (out / protocol.EVENTS_FILE).open("a") as handle:
+        handle.write(json.dumps(fields) + "\n")
+        handle.flush()
+
+
+def checkpoint(out: Path, step: int, loss: float) -> None:
+    final = out / protocol.CHECKPOINTS_DIR / f"{protocol.CHECKPOINT_PREFIX}{step}"
+    if final.exists():
+        return
+    temporary = final.with_name(f".tmp-{final.name}")
+    temporary.mkdir(parents=True, exist_ok=True)
+    (temporary / "model.safetensors").write_bytes(f"weights at step {step}".encode() * 100)
+    (temporary / "manifest.json").write_text(json.dumps({"step": step}))
+    info = {"step": step, "metrics": {"loss": loss}, "created_at": time.time()}
+    (temporary / protocol.CHECKPOINT_INFO_FILE).write_text(json.dumps(info))
+    temporary.rename(final)
+
+
+def latest_step(out: Path) -> int:
+    directory = out / protocol.CHECKPOINTS_DIR
+    steps = (
+        [
+            int(path.name.removeprefix(protocol.CHECKPOINT_PREFIX))
+            for path in directory.glob(f"{protocol.CHECKPOINT_PREFIX}*")
+        ]
+        if directory.is_dir()
+        else []
+    )
+    return max(steps, default=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kind", choices=("fine_tune", "conversion", "evaluation"), required=True)
+    parser.add_argument("--step-seconds", type=float, default=0.01)
+    parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--fail-with", default=None)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--spawn-child", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    spec = json.loads(Path(args.spec).read_text())
+    (out / "attempts.log").open("a").write(f"{os.getpid()} resume={args.resume}\n")
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_sigterm else on_sigterm)
+    if args.spawn_child:
+        child = subprocess.Popen(["sleep", "300"])
+        (out / "child.pid").write_text(str(child.pid))
+
+    if args.fail_with:
+        error = {"code": args.fail_with, "message": f"the fake job failed with {args.fail_with}"}
+        (out / protocol.ERROR_FILE).write_text(json.dumps(error))
+        event(out, type="message", message="failing on purpose", level="error")
+        return protocol.EXIT_FAILED
+
+    if args.kind == "conversion":
+        plan = {"sites": [{"path": "mlp.act", "kind": "activation"}]}
+        report = {"sites_replaced": 1, "max_abs_difference": 0.0}
+        if not spec.get("dry_run"):
+            checkpoint(out, 0, 0.0)
+        (out / protocol.RESULT_FILE).write_text(json.dumps({"plan": plan, "report": report}))
+        event(out, type="message", message="converted 1 site")
+        return protocol.EXIT_OK
+    if args.kind == "evaluation":
+        result = {"model": {"accuracy": 0.5}, "compare_to": {"accuracy": 0.25}}
+        (out / protocol.RESULT_FILE).write_text(json.dumps(result))
+        (out / protocol.METRICS_FILE).write_text(json.dumps({"accuracy": 0.5}))
+        return protocol.EXIT_OK
+
+    total = int(spec.get("hyperparameters", {}).get("max_steps", 6))
+    start = latest_step(out) if args.resume else 0
+    event(out, type="message", message=f"training from step {start} to {total}")
+    loss = 1.0
+    for step in range(start + 1, total + 1):
+        time.sleep(args.step_seconds)
+        loss = 1.0 / step
+        values = {"loss": loss, "learning_rate": 0.001, "tokens": step * 32}
+        event(out, type="metrics", step=step, total_steps=total, epoch=step / total, values=values)
+        if step % args.checkpoint_every == 0 or step == total:
+            checkpoint(out, step, loss)
+        if stop_requested or (out / protocol.CANCEL_FILE).exists():
+            checkpoint(out, step, loss)
+            event(out, type="message", message=f"stopped at step {step}")
+            return protocol.EXIT_CANCELLED
+    (out / protocol.METRICS_FILE).write_text(json.dumps({"loss": loss, "accuracy": 0.9}))
+    (out / protocol.CURVES_FILE).write_bytes(PNG)
+    return protocol.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
