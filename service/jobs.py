@@ -43,6 +43,7 @@ from service.schemas import (
     Page,
     Progress,
 )
+from service.specs import BASE_LEARNING_RATE
 from service.supervisor import STOP_CANCEL
 
 logger = logging.getLogger(__name__)
@@ -332,15 +333,23 @@ def job_public(session: Session, job: Job) -> JobPublic:
     if job.kind == "evaluation":
         return EvaluationPublic(
             **common,
-            task=request["task"],
+            task=job.spec.get("task"),
             dataset=request.get("dataset"),
             file=request.get("file"),
             compare_to=request.get("compare_to"),
             result=job.result,
         )
-    hyperparameters = dict(request.get("hyperparameters") or {})
-    for name in ("n_epochs", "batch_size", "learning_rate_multiplier"):
-        hyperparameters.setdefault(name, "auto")
+    spec_hyperparameters = job.spec.get("hyperparameters") or {}
+    given = request.get("hyperparameters") or {}
+    multiplier = given.get("learning_rate_multiplier")
+    if multiplier in (None, "auto") and "learning_rate" in spec_hyperparameters:
+        multiplier = spec_hyperparameters["learning_rate"] / BASE_LEARNING_RATE
+    hyperparameters = {
+        **spec_hyperparameters,
+        "n_epochs": spec_hyperparameters.get("epochs", "auto"),
+        "batch_size": spec_hyperparameters.get("batch_size", "auto"),
+        "learning_rate_multiplier": multiplier if multiplier is not None else "auto",
+    }
     return FineTuningJobPublic(
         **common,
         organization_id=f"org-{job.owner}",
@@ -352,7 +361,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
         dataset=request.get("dataset"),
         hyperparameters=FineTuningHyperparameters(**hyperparameters),
         seed=int(job.spec.get("seed", 0)),
-        task=request["task"],
+        task=job.spec.get("task"),
         conversion=request.get("conversion"),
         checkpoint_id=checkpoint_id,
         method=request.get("method"),

@@ -13,7 +13,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 
 from service.db import JOB_STATUSES, QUEUED, Database, Job
 
@@ -68,9 +67,5 @@ class ServiceMetrics:
 
 def _route_template(request: Request) -> str:
     # Label by template, never by the raw path, so ids do not explode the label set.
-    routes: list[Any] = list(request.app.routes)
-    for route in routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "other"))
-    return "unmatched"
+    route: Any = request.scope.get("route")
+    return str(getattr(route, "path", None) or "unmatched")

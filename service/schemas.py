@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 T = TypeVar("T")
 
 Auto = Literal["auto"]
+Task = Literal["image-classification", "text-classification", "causal-lm"]
 
 
 class Page(BaseModel, Generic[T]):
@@ -54,8 +55,9 @@ class GMNMOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    num_components: int | None = Field(default=None, ge=1, le=256)
+    num_components: int | None = Field(default=None, ge=1, le=64)
     init: Literal["residual", "fit", "random"] | None = None
+    init_range: tuple[float, float] | None = None
 
 
 class ConversionOptions(BaseModel):
@@ -112,6 +114,29 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
 
 
+class DataOptions(BaseModel):
+    """How the data files are read (the files themselves are `training_file` and friends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] | None = Field(default=None, description="class names in head order")
+    max_length: int | None = Field(default=None, description="tokens per text example")
+    validation_fraction: float | None = Field(
+        default=None, description="held out of the training data when there is no validation"
+    )
+    text_column: str | None = None
+    label_column: str | None = None
+    image_column: str | None = None
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_minutes: float | None = Field(default=None, gt=0)
+    max_train_samples: int | None = Field(default=None, ge=1)
+    max_eval_samples: int | None = Field(default=None, ge=1)
+
+
 class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
@@ -127,13 +152,16 @@ class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="a Hugging Face id, a timm name, or a checkpoint id")
-    task: Literal["image_classification", "text_classification", "causal_lm"] = Field(
-        description="what the model is trained to do"
-    )
+    task: Task | None = Field(default=None, description="inferred from the data when left out")
     training_file: str | None = Field(default=None, description="an uploaded file id")
-    dataset: str | None = Field(default=None, description="a named data set instead of a file")
+    dataset: str | None = Field(
+        default=None,
+        description="instead of a file: 'digits', 'mnist1d', or a Hugging Face data set id",
+    )
     validation_file: str | None = None
+    data: DataOptions | None = None
     hyperparameters: Hyperparameters | None = None
+    limits: Limits | None = None
     method: Method | None = None
     conversion: ConversionOptions | None = Field(
         default=None, description="convert the model first (ignored for a converted checkpoint)"
@@ -166,7 +194,7 @@ class FineTuningJobPublic(JobBase):
     dataset: str | None = None
     hyperparameters: FineTuningHyperparameters
     seed: int
-    task: str
+    task: str | None = None
     conversion: ConversionOptions | None = None
     checkpoint_id: str | None = None
     integrations: list[dict[str, Any]] = Field(default_factory=list)
@@ -217,6 +245,10 @@ class ConversionCreate(BaseModel):
     model: str
     revision: str | None = None
     pretrained: bool | None = None
+    task: Task | Literal["feature-extraction"] | None = Field(
+        default=None, description="load the model with the head for this task"
+    )
+    num_labels: int | None = Field(default=None, ge=1, description="resize the classifier head")
     targets: list[str] | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
@@ -242,19 +274,21 @@ class EvaluationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    task: Literal["image_classification", "text_classification", "causal_lm"]
+    task: Task | None = Field(default=None, description="inferred from the data when left out")
     dataset: str | None = None
     file: str | None = Field(default=None, description="an uploaded file id")
     compare_to: str | None = None
+    data: DataOptions | None = None
     batch_size: int | None = Field(default=None, ge=1)
     max_samples: int | None = Field(default=None, ge=1)
+    seed: int | None = None
     device: str | None = None
     metadata: dict[str, str] | None = None
 
 
 class EvaluationPublic(JobBase):
     object: Literal["evaluation"] = "evaluation"
-    task: str
+    task: str | None = None
     dataset: str | None = None
     file: str | None = None
     compare_to: str | None = None

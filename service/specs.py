@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from service.db import CheckpointRecord, FileRecord
@@ -22,11 +22,13 @@ from service.layout import CHECKPOINT_PREFIX
 from service.schemas import (
     ConversionCreate,
     ConversionOptions,
+    DataOptions,
     EvaluationCreate,
     FineTuningJobCreate,
-    Hyperparameters,
+    Limits,
 )
 from service.settings import Settings
+from training.spec import ConvertSpec, EvaluateSpec, FineTuneSpec, describe_errors
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +95,6 @@ class SpecBuilder:
             return None
         return str(self.root / "files" / record.id)
 
-    def steps(self, hyperparameters: Hyperparameters | None, param: str) -> None:
-        if hyperparameters is None or hyperparameters.max_steps is None:
-            return
-        if hyperparameters.max_steps > self.settings.max_steps:
-            self.problems.add(
-                f"{param}.max_steps",
-                f"{param}.max_steps: {hyperparameters.max_steps} is above this server's limit of "
-                f"{self.settings.max_steps} (GMNM_MAX_STEPS); ask for fewer steps.",
-            )
-
 
 def reference_problem(reference: str, model_dirs: list[Path]) -> str | None:
     """Why a model reference is refused before anything is loaded, or None when it may be used."""
@@ -145,69 +137,169 @@ def _surgery_problem(reference: str) -> str | None:
 
 # specs
 
+# Base learning rate that OpenAI-style `learning_rate_multiplier` scales (the engine's default).
+BASE_LEARNING_RATE = 5e-5
+BUILTIN_SETS = ("digits", "mnist1d")
+
+# Spec field paths shown under the request field a client sent.
+_SPEC_TO_REQUEST = {
+    "data.train": "training_file",
+    "data.validation": "validation_file",
+    "hyperparameters.epochs": "hyperparameters.n_epochs",
+}
+
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _request_param(path: str, kind: str) -> str:
+    if kind == "evaluation" and path.startswith("data.validation"):
+        return "file"
+    for spec_path, request_path in _SPEC_TO_REQUEST.items():
+        if path == spec_path or path.startswith(spec_path + "."):
+            return request_path + path[len(spec_path) :]
+    return path
+
+
+def _validated(kind: str, spec_class: type[BaseModel], spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as the engine will read it; every problem is refused here, naming the field."""
+    try:
+        model = spec_class.model_validate(spec)
+    except ValidationError as error:
+        problems = Problems()
+        for path, message in describe_errors(error):
+            param = _request_param(path, kind)
+            problems.add(param, f"{param}: {message}.")
+        problems.raise_if_any()
+        raise  # unreachable: raise_if_any raised
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+def _source(builder: SpecBuilder, file_id: str | None, param: str) -> dict[str, Any] | None:
+    path = builder.file(file_id, param)
+    if path is None:
+        return None
+    record = builder.session.get(FileRecord, file_id)
+    assert record is not None
+    return _clean({"path": path, "format": record.format or "auto"})
+
+
+def _named_source(dataset: str) -> dict[str, Any]:
+    return {"builtin": dataset} if dataset in BUILTIN_SETS else {"hf_dataset": dataset}
+
+
+def _data_options(options: DataOptions | None) -> dict[str, Any]:
+    return {} if options is None else options.model_dump(exclude_none=True)
+
+
+def _per_source(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split data options into those of each source (columns) and those of the data spec."""
+    columns = ("text_column", "label_column", "image_column")
+    return (
+        {key: value for key, value in options.items() if key in columns},
+        {key: value for key, value in options.items() if key not in columns},
+    )
 
 
 def _conversion(options: ConversionOptions | None) -> dict[str, Any] | None:
     return None if options is None else options.model_dump(exclude_none=True)
 
 
-def fine_tune_spec(builder: SpecBuilder, request: FineTuningJobCreate) -> dict[str, Any]:
-    hyperparameters = request.hyperparameters
+def _hyperparameters(request: FineTuningJobCreate) -> dict[str, Any]:
+    given = request.hyperparameters
     if request.method is not None and request.method.supervised is not None:
-        hyperparameters = request.method.supervised.hyperparameters or hyperparameters
+        given = request.method.supervised.hyperparameters or given
+    values = {} if given is None else given.model_dump(exclude_none=True)
+    values = {key: value for key, value in values.items() if value != "auto"}
+    if "n_epochs" in values:
+        values["epochs"] = values.pop("n_epochs")
+    multiplier = values.pop("learning_rate_multiplier", None)
+    if multiplier is not None and "learning_rate" not in values:
+        values["learning_rate"] = BASE_LEARNING_RATE * float(multiplier)
+    return values
+
+
+def _limits(builder: SpecBuilder, limits: Limits | None) -> dict[str, Any]:
+    values = {} if limits is None else limits.model_dump(exclude_none=True)
+    # The engine stops itself (with a checkpoint) before the supervisor's hard limit.
+    ceiling = builder.settings.max_job_minutes
+    values["max_minutes"] = min(values.get("max_minutes", ceiling), ceiling)
+    return values
+
+
+def _device(requested: str | None) -> str:
+    # The supervisor replaces "auto" with the device it assigns; "cpu" keeps a job off GPUs.
+    return requested or "auto"
+
+
+def fine_tune_spec(builder: SpecBuilder, request: FineTuningJobCreate) -> dict[str, Any]:
     model = builder.model(request.model)
-    training_file = builder.file(request.training_file, "training_file")
-    validation_file = builder.file(request.validation_file, "validation_file")
     if (request.training_file is None) == (request.dataset is None):
         builder.problems.add(
             "training_file",
             "training_file: give exactly one of training_file (an uploaded file id) or dataset "
-            "(a named data set).",
+            "(digits, mnist1d, or a Hugging Face data set id).",
         )
+    train = _source(builder, request.training_file, "training_file")
+    if request.dataset is not None:
+        train = _named_source(request.dataset)
+    validation = _source(builder, request.validation_file, "validation_file")
     if request.integrations:
         builder.problems.add(
             "integrations", "integrations: this server has no integrations; leave it empty."
         )
-    builder.steps(hyperparameters, "hyperparameters")
+    hyperparameters = _hyperparameters(request)
+    if hyperparameters.get("max_steps", 0) > builder.settings.max_steps:
+        builder.problems.add(
+            "hyperparameters.max_steps",
+            f"hyperparameters.max_steps: {hyperparameters['max_steps']} is above this server's "
+            f"limit of {builder.settings.max_steps} steps (GMNM_MAX_STEPS); ask for fewer.",
+        )
     builder.problems.raise_if_any()
-    params = {} if hyperparameters is None else hyperparameters.model_dump(exclude_none=True)
-    params = {key: value for key, value in params.items() if value != "auto"}
-    return _clean(
-        {
-            "task": request.task,
-            "model": model,
-            "revision": request.revision,
-            "pretrained": request.pretrained,
-            "training_file": training_file,
-            "validation_file": validation_file,
-            "dataset": request.dataset,
-            "hyperparameters": params,
-            "conversion": _conversion(request.conversion),
-            "seed": request.seed if request.seed is not None else secrets.randbelow(2**31),
-            "device": request.device,
-        }
-    )
+    columns, data_options = _per_source(_data_options(request.data))
+    data = {
+        **data_options,
+        "train": None if train is None else {**train, **columns},
+        "validation": None if validation is None else {**validation, **columns},
+    }
+    spec = {
+        "model": model,
+        "revision": request.revision,
+        "pretrained": request.pretrained,
+        "task": request.task,
+        "data": _clean(data),
+        "hyperparameters": hyperparameters,
+        "conversion": _conversion(request.conversion),
+        "limits": _limits(builder, request.limits),
+        "seed": request.seed if request.seed is not None else secrets.randbelow(2**31),
+        "device": _device(request.device),
+    }
+    return _validated("fine_tune", FineTuneSpec, _clean(spec))
 
 
 def conversion_spec(builder: SpecBuilder, request: ConversionCreate) -> dict[str, Any]:
     model = builder.model(request.model)
     builder.problems.raise_if_any()
-    gmnm = None if request.gmnm is None else request.gmnm.model_dump(exclude_none=True)
-    return _clean(
+    conversion = _clean(
         {
-            "model": model,
-            "revision": request.revision,
-            "pretrained": request.pretrained,
             "targets": request.targets,
             "include": request.include,
             "exclude": request.exclude,
-            "gmnm": gmnm,
-            "dry_run": request.dry_run,
+            "gmnm": None if request.gmnm is None else request.gmnm.model_dump(exclude_none=True),
         }
     )
+    spec = {
+        "model": model,
+        "revision": request.revision,
+        "pretrained": request.pretrained,
+        "task": request.task,
+        "num_labels": request.num_labels,
+        "conversion": conversion,
+        "dry_run": request.dry_run,
+        "device": "auto",
+    }
+    return _validated("conversion", ConvertSpec, _clean(spec))
 
 
 def evaluation_spec(builder: SpecBuilder, request: EvaluationCreate) -> dict[str, Any]:
@@ -215,31 +307,26 @@ def evaluation_spec(builder: SpecBuilder, request: EvaluationCreate) -> dict[str
     compare_to = None
     if request.compare_to is not None:
         compare_to = builder.model(request.compare_to, "compare_to")
-    data_file = builder.file(request.file, "file")
     if (request.file is None) == (request.dataset is None):
         builder.problems.add(
             "dataset", "dataset: give exactly one of dataset (a named data set) or file."
         )
+    source = _source(builder, request.file, "file")
+    if request.dataset is not None:
+        source = _named_source(request.dataset)
     builder.problems.raise_if_any()
-    return _clean(
-        {
-            "task": request.task,
-            "model": model,
-            "compare_to": compare_to,
-            "dataset": request.dataset,
-            "data_file": data_file,
-            "batch_size": request.batch_size,
-            "max_samples": request.max_samples,
-            "device": request.device,
-        }
-    )
-
-
-def owned_checkpoints(session: Session, job_id: str) -> list[CheckpointRecord]:
-    return list(
-        session.scalars(
-            select(CheckpointRecord)
-            .where(CheckpointRecord.job_id == job_id)
-            .order_by(CheckpointRecord.step)
-        )
-    )
+    columns, data_options = _per_source(_data_options(request.data))
+    limits = _limits(builder, None)
+    if request.max_samples is not None:
+        limits["max_eval_samples"] = request.max_samples
+    spec = {
+        "model": model,
+        "compare_to": compare_to,
+        "task": request.task,
+        "data": _clean({**data_options, "validation": {**(source or {}), **columns}}),
+        "batch_size": request.batch_size,
+        "limits": limits,
+        "seed": request.seed,
+        "device": _device(request.device),
+    }
+    return _validated("evaluation", EvaluateSpec, _clean(spec))

@@ -349,7 +349,7 @@ class Supervisor:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / protocol.CANCEL_FILE).unlink(missing_ok=True)
         spec_path = out_dir / protocol.SPEC_FILE
-        spec = {**job.spec, "device": job.spec.get("device") or device.split(":")[0]}
+        spec = {**job.spec, "device": spec_device(job.spec.get("device", "auto"), device)}
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
         command = resolve_command(self.settings.job_commands[job.kind])
         command += ["--spec", str(spec_path), "--out", str(out_dir)]
@@ -677,6 +677,13 @@ class Supervisor:
         with self.db.write() as session:
             session.execute(delete(Worker).where(Worker.id == self.worker_id))
         logger.info("supervisor %s stopped", self.worker_id)
+
+
+def spec_device(requested: str, assigned: str) -> str:
+    """The device a job's spec names: its process sees only the assigned GPU, as `cuda`."""
+    if requested == "cpu" or assigned == "cpu":
+        return "cpu" if requested in ("cpu", "auto") else requested
+    return "cuda"
 
 
 def latest_checkpoint_dir(out_dir: Path) -> Path | None:

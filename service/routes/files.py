@@ -20,6 +20,8 @@ from service.errors import ApiError, not_found
 from service.jobs import MAX_PAGE, page
 from service.layout import FILE_PREFIX, new_id
 from service.schemas import FileDeleted, FilePublic, Page
+from training.data import inspect_file
+from training.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +52,14 @@ def _owned_file(context: Context, owner: str, file_id: str) -> FileRecord:
     return record
 
 
-def _inspect(path: Path, filename: str) -> tuple[str | None, int | None]:
+def _inspect(path: Path, filename: str) -> tuple[str, int]:
     """The data format and row count, refusing a file the training engine could not read."""
-    try:
-        from training.data import inspect_file
-
-        from training.errors import DataError
-    except ImportError:
-        logger.warning("training.data is not installed; storing %s without validation", filename)
-        return None, None
-    named = path.with_name(f"{path.name}-{Path(filename).name}")
-    os.link(path, named)  # the engine recognises formats by their extension
+    # Inspect under the user's own file name, so that the suffix picks the format and every
+    # error message names the file they uploaded.
+    scratch = path.with_name(f".inspect-{path.name}")
+    scratch.mkdir()
+    named = scratch / filename
+    os.link(path, named)
     try:
         info = inspect_file(named)
     except DataError as error:
@@ -72,7 +71,8 @@ def _inspect(path: Path, filename: str) -> tuple[str | None, int | None]:
         ) from error
     finally:
         named.unlink(missing_ok=True)
-    return getattr(info, "format", None), getattr(info, "rows", None)
+        scratch.rmdir()
+    return info.format, info.rows
 
 
 async def _store(upload: UploadFile, destination: Path, limit: int) -> tuple[int, str]:

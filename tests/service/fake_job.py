@@ -10,6 +10,7 @@ checkpoint. Knobs make it fail, ignore SIGTERM, or start a child process in its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -18,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from training import protocol
+# Load the protocol module alone: importing the training package would pull in torch, and these
+# tests start many short job processes.
+_PROTOCOL = Path(__file__).resolve().parents[2] / "training" / "protocol.py"
+_spec = importlib.util.spec_from_file_location("protocol", _PROTOCOL)
+assert _spec is not None and _spec.loader is not None
+protocol = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(protocol)
 
 # smallest valid PNG: 1x1 grey pixel
 PNG = bytes.fromhex(
@@ -110,7 +117,7 @@ def main() -> int:
         (out / protocol.METRICS_FILE).write_text(json.dumps({"accuracy": 0.5}))
         return protocol.EXIT_OK
 
-    total = int(spec.get("hyperparameters", {}).get("max_steps", 6))
+    total = int(spec["hyperparameters"].get("max_steps") or 6)
     start = latest_step(out) if args.resume else 0
     event(out, type="message", message=f"training from step {start} to {total}")
     loss = 1.0
