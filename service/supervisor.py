@@ -83,13 +83,18 @@ def make_worker_id() -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a zombie awaiting its reaper does not)."""
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: the signal check is all there is
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def process_belongs_to(pid: int, job_id: str) -> bool:

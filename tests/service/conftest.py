@@ -28,7 +28,8 @@ def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
 
     yield build
     for client in clients:
-        client.__exit__(None, None, None)
+        if client.portal is not None:  # a test may have stopped it already
+            client.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.01)
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--fail-with", default=None)
-    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--ignore-sigterm", action="store_true", help="and the CANCEL file")
     parser.add_argument("--spawn-child", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -128,7 +128,8 @@ def main() -> int:
         event(out, type="metrics", step=step, total_steps=total, epoch=step / total, values=values)
         if step % args.checkpoint_every == 0 or step == total:
             checkpoint(out, step, loss)
-        if stop_requested or (out / protocol.CANCEL_FILE).exists():
+        cancel_file = (out / protocol.CANCEL_FILE).exists() and not args.ignore_sigterm
+        if stop_requested or cancel_file:
             checkpoint(out, step, loss)
             event(out, type="message", message=f"stopped at step {step}")
             return protocol.EXIT_CANCELLED

@@ -61,3 +61,12 @@ def upload(client: TestClient, content: bytes = b'{"text": "a", "label": 0}\n', 
     )
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a live process; a zombie (dead, waiting for a reaper) is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
