@@ -1,0 +1,491 @@
+"""Converting a model: every swap, the routes, and the report that checks the result.
+
+`convert` turns a plan into manifest entries (one per replaced site: the site, its GMNM config
+and where its parameters live) and hands them to `apply_entries`, which `surgery.load` also uses
+to rebuild a saved model, so a converted model and a reloaded one have the same structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gmnm import GMNMActivation, GMNMConfig, GMNMSoftmax
+from gmnm.config import MODULE_BASE_PREFIX
+from surgery.errors import ConversionError, ManifestError
+from surgery.inputs import example_inputs, is_transformers_model, max_abs_diff
+from surgery.plan import ROUTE_ATTENTION, ROUTE_FORWARD, ROUTE_MODULE, Plan, Site, is_softmax_site
+from surgery.registry import FunctionalActivation, class_name
+from surgery.routing import (
+    CONTAINER,
+    GMNM_ATTENTION,
+    CallSiteActivations,
+    Route,
+    install_attention_route,
+    install_forward_route,
+    register_attention,
+)
+from surgery.trace import evaluation, run_model
+
+logger = logging.getLogger(__name__)
+
+STATE_ATTR = "_gmnm_surgery"
+
+
+@dataclass
+class Report:
+    """What a conversion did, and the check that it computes what the original did."""
+
+    sites_replaced: dict[str, int]
+    sites_kept: dict[str, int]
+    params_added: int
+    max_abs_diff: float
+    audit: list[dict[str, Any]]
+    seconds: float
+    reference: str
+    init: str
+    num_components: int
+    fit_max_error: float | None = None
+    calibrated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def surgery_state(model: nn.Module) -> dict[str, Any] | None:
+    """The conversion record a converted model carries (what the manifest stores), or None."""
+    state = getattr(model, STATE_ATTR, None)
+    return state if isinstance(state, dict) else None
+
+
+def is_converted(model: nn.Module) -> bool:
+    state = surgery_state(model)
+    if state is not None and state.get("sites"):
+        return True
+    return any(isinstance(m, (GMNMActivation, GMNMSoftmax)) for m in model.modules())
+
+
+def gmnm_modules(model: nn.Module) -> Iterator[tuple[str, GMNMActivation | GMNMSoftmax]]:
+    for name, module in model.named_modules():
+        if isinstance(module, (GMNMActivation, GMNMSoftmax)):
+            yield name, module
+
+
+def gmnm_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in `model.named_parameters()`) of the GMNM parameters, for optimizer groups.
+
+    Parameters of a replaced module that lives on as the GMNM module's base (PReLU's slope) belong
+    to the base model and are not included.
+    """
+    names: set[str] = set()
+    for prefix, module in gmnm_modules(model):
+        for name, _ in module.named_parameters():
+            if not name.startswith("base_module."):
+                names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def convert(
+    model: nn.Module,
+    plan: Plan,
+    config: GMNMConfig | None = None,
+    probe_inputs: Any = None,
+    *,
+    share_calls: bool = False,
+    calibration_inputs: Any = None,
+) -> Report:
+    """Replace every site the plan marks `replace`, in place, and check the result.
+
+    Args:
+        config: GMNM settings for every new module (`num_components`, `init`, `init_range`,
+            `groups`); the base of an activation is always the replaced activation itself.
+            Softmax replacements always start in residual form (exact softmax at step 0).
+        probe_inputs: the batch the original and converted outputs are compared on (default:
+            `example_inputs(model)`).
+        share_calls: give an activation module that its caller calls several times one set of
+            parameters instead of one per call.
+        calibration_inputs: when given, each new module's components are centred on the
+            quantiles of the values it sees on this batch (and `fit` is redone over that range).
+
+    The reference output is the original model with attention computed unfused and eagerly, the
+    computation the GMNM softmax replaces (SDPA differs from it by rounding alone).
+    """
+    start = time.perf_counter()
+    config = config or plan.config
+    if is_converted(model):
+        raise ConversionError(
+            f"{type(model).__name__} is already converted; convert the original model (a "
+            "second conversion would wrap GMNM modules in GMNM modules)"
+        )
+    _check_plan(model, plan)
+    entries = [_entry(site, config, share_calls) for site in plan.replaced]
+    _check_entries(entries)
+    probe = probe_inputs if probe_inputs is not None else example_inputs(model)
+    attention = _attention_record(model, plan)
+    unfused = _unfuse(model, plan)
+
+    # the reference: the original, with attention computed the way the conversion computes it
+    with _EagerAttention(model, enabled=bool(attention)), evaluation(model):
+        reference = run_model(model, probe)
+
+    # every swap and route
+    new_modules = apply_entries(model, entries, attention_functions=plan.attention_functions)
+    if attention:
+        register_attention()
+        model.set_attn_implementation(GMNM_ATTENTION)  # type: ignore[operator]
+    for entry, module in zip(entries, new_modules, strict=True):
+        entry["config"] = _module_config(module).to_dict()
+    setattr(
+        model,
+        STATE_ATTR,
+        {
+            "sites": entries,
+            "kept": [site.to_dict() for site in plan.sites if not site.replace],
+            "attention": attention,
+            "unfused": unfused,
+            "targets": list(plan.targets),
+        },
+    )
+
+    calibrated = False
+    if calibration_inputs is not None:
+        calibrate(model, calibration_inputs)
+        calibrated = True
+
+    # the check: same outputs on the probe batch, and nothing left unrouted
+    from surgery.audit import audit
+
+    with evaluation(model):
+        converted = run_model(model, probe)
+    diff = max_abs_diff(reference, converted)
+    findings = audit(model, probe)
+    fit_errors = [
+        m.fit_max_error
+        for m in _flat_modules(new_modules)
+        if isinstance(m, GMNMActivation) and m.fit_max_error is not None
+    ]
+    report = Report(
+        sites_replaced=dict(Counter(site.kind for site in plan.replaced)),
+        sites_kept=dict(Counter(site.kind for site in plan.sites if not site.replace)),
+        params_added=_count_parameters(model),
+        max_abs_diff=diff,
+        audit=[finding.to_dict() for finding in findings],
+        seconds=time.perf_counter() - start,
+        reference="original model, attention unfused and eager"
+        if attention or unfused
+        else "original model",
+        init=config.init,
+        num_components=config.num_components,
+        fit_max_error=max(fit_errors) if fit_errors else None,
+        calibrated=calibrated,
+    )
+    if config.init != "residual" and any(is_softmax_site(s) for s in plan.replaced):
+        report.notes.append(
+            f"softmax sites start in residual form whatever the init ({config.init!r} applies "
+            "to activations)"
+        )
+    logger.info(
+        "converted %s: %s sites, %d parameters, max abs diff %.3g, %d audit findings, %.2fs",
+        type(model).__name__,
+        report.sites_replaced,
+        report.params_added,
+        diff,
+        len(findings),
+        report.seconds,
+    )
+    return report
+
+
+def _count_parameters(model: nn.Module) -> int:
+    named = dict(model.named_parameters())
+    return sum(named[name].numel() for name in gmnm_parameter_names(model) if name in named)
+
+
+def _flat_modules(modules: list[nn.Module]) -> Iterator[nn.Module]:
+    for module in modules:
+        yield from module.modules()
+
+
+def _module_config(module: nn.Module) -> GMNMConfig:
+    if isinstance(module, CallSiteActivations):
+        first = module.calls[0]
+        assert isinstance(first, GMNMActivation)
+        return first.config
+    assert isinstance(module, (GMNMActivation, GMNMSoftmax))
+    return module.config
+
+
+def _check_plan(model: nn.Module, plan: Plan) -> None:
+    if plan.model_class and plan.model_class != type(model).__name__:
+        raise ConversionError(
+            f"the plan was made for {plan.model_class}, not {type(model).__name__}; make the "
+            "plan with surgery.plan(model) for the model you convert"
+        )
+    missing = []
+    for site in plan.replaced:
+        try:
+            model.get_submodule(site.owner)
+        except AttributeError:
+            missing.append(site.path)
+    if missing:
+        raise ConversionError(
+            f"the plan names sites this model does not have: {', '.join(missing[:5])}; make the "
+            "plan again for this model"
+        )
+
+
+def _entry(site: Site, config: GMNMConfig, share_calls: bool) -> dict[str, Any]:
+    """The manifest entry of one site: the site, the GMNM config, where the module lives."""
+    k, init_range = config.num_components, config.init_range
+    if is_softmax_site(site):
+        module_config = GMNMConfig(
+            num_components=k,
+            base=None,
+            dim=site.dim if site.dim is not None else -1,
+            heads=site.heads,
+            head_dim=1,
+            init_range=init_range,
+        )
+    else:
+        channels = None
+        if config.groups > 1:
+            channels = site.shape[-1] if site.shape else None
+        base_class = (
+            site.implementation if site.route == ROUTE_MODULE else class_name(FunctionalActivation)
+        )
+        module_config = GMNMConfig(
+            num_components=k,
+            base=MODULE_BASE_PREFIX + base_class,
+            init=config.init,
+            channels=channels,
+            groups=config.groups,
+            init_range=init_range,
+        )
+    copies = 1
+    # each call gets its own parameters when the caller, which restarts the count, is above it
+    per_call = site.route == ROUTE_MODULE and site.shared and not share_calls
+    if per_call and site.caller is not None and _is_below(site.path, site.caller):
+        copies = max(site.calls_per_caller, 1)
+    if site.route == ROUTE_MODULE:
+        module_path = site.path
+    else:
+        prefix = f"{site.owner}." if site.owner else ""
+        module_path = f"{prefix}{CONTAINER}.{site.op}_{site.index}"
+    return {
+        "site": site.to_dict(),
+        "config": module_config.to_dict(),
+        "module": module_path,
+        "copies": copies,
+    }
+
+
+def _is_below(path: str, ancestor: str) -> bool:
+    return not ancestor or path.startswith(ancestor + ".")
+
+
+def _check_entries(entries: list[dict[str, Any]]) -> None:
+    """Refuse settings that cannot apply to some site, all of them at once."""
+    problems = []
+    for entry in entries:
+        config, site = entry["config"], entry["site"]
+        if config.get("groups", 1) > 1:
+            shape = site.get("shape")
+            if not shape:
+                problems.append(f"{site['path']}: not reached by the probe, channel count unknown")
+            elif len(shape) == 4:
+                problems.append(
+                    f"{site['path']}: input of shape {shape} is not channels-last, so groups "
+                    "along the last dimension would group image columns"
+                )
+            elif shape[-1] % config["groups"]:
+                problems.append(
+                    f"{site['path']}: {shape[-1]} channels are not divisible by groups="
+                    f"{config['groups']}"
+                )
+    if problems:
+        raise ConversionError(
+            "groups > 1 gives each group of channels its own parameters, which these sites "
+            "cannot take: " + "; ".join(problems) + ". Use groups=1, or exclude these sites."
+        )
+
+
+def _attention_record(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """What the manifest records about the transformers attention implementation."""
+    if not any(site.route == ROUTE_ATTENTION for site in plan.replaced):
+        return {}
+    config = getattr(model, "config", None)
+    return {
+        "implementation": GMNM_ATTENTION,
+        "original": getattr(config, "_attn_implementation", None),
+        "eager": {
+            path: f"{fn.__module__}:{fn.__qualname__}"
+            for path, fn in plan.attention_functions.items()
+        },
+    }
+
+
+def _unfuse(model: nn.Module, plan: Plan) -> list[str]:
+    """Turn fused attention off on the owners whose softmax is routed (timm)."""
+    paths = []
+    for site in plan.replaced:
+        if site.route != ROUTE_FORWARD or not is_softmax_site(site):
+            continue
+        owner = model.get_submodule(site.owner)
+        if isinstance(getattr(owner, "fused_attn", None), bool):
+            setattr(owner, "fused_attn", False)  # noqa: B010 (nn.Module types it as Tensor)
+            paths.append(site.owner)
+    return sorted(set(paths))
+
+
+class _EagerAttention:
+    """Run a transformers model with eager attention for the duration."""
+
+    def __init__(self, model: nn.Module, enabled: bool) -> None:
+        self.model: Any = model
+        self.enabled = enabled and is_transformers_model(model)
+        self.previous: str | None = None
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            self.previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation("eager")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled and self.previous:
+            self.model.set_attn_implementation(self.previous)
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """The one place where a module of the model is swapped for another; returns the old one."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = parent.get_submodule(name)
+    setattr(parent, name, new)
+    return old
+
+
+def _container(owner: nn.Module) -> nn.ModuleDict:
+    existing = getattr(owner, CONTAINER, None)
+    if existing is None:
+        owner.add_module(CONTAINER, nn.ModuleDict())
+        existing = getattr(owner, CONTAINER)
+    if not isinstance(existing, nn.ModuleDict):
+        raise ConversionError(
+            f"{type(owner).__name__} already has an attribute {CONTAINER!r}; GMNM modules of its "
+            "calls cannot be attached to it"
+        )
+    return existing
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in model.parameters():
+        # GMNM parameters stay fp32 under half-precision models: cast to bf16, large cancelling
+        # mixture weights lose their precision
+        dtype = tensor.dtype if tensor.dtype in (torch.float32, torch.float64) else torch.float32
+        return tensor.device, dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _build(entry: dict[str, Any], model: nn.Module) -> nn.Module:
+    site = Site.from_dict(entry["site"])
+    config = GMNMConfig.from_dict(entry["config"])
+    if is_softmax_site(site):
+        return GMNMSoftmax.from_config(config)
+    if site.route == ROUTE_MODULE:
+        base = model.get_submodule(site.path)
+        if isinstance(base, (GMNMActivation, CallSiteActivations)):
+            raise ManifestError(f"site {site.path} is listed twice")
+    else:
+        base = FunctionalActivation(site.op or "", site.arguments)
+    copies = int(entry.get("copies", 1))
+    activations = [GMNMActivation.from_config(config, base_module=base) for _ in range(copies)]
+    return activations[0] if copies == 1 else CallSiteActivations(activations)
+
+
+def apply_entries(
+    model: nn.Module,
+    entries: list[dict[str, Any]],
+    *,
+    attention_functions: dict[str, Callable[..., Any]],
+) -> list[nn.Module]:
+    """Build every entry's GMNM module, put it in place and install the routes it needs."""
+    device, dtype = _placement(model)
+    built = []
+    forward_routes: dict[str, Route] = {}
+    attention_routes: dict[str, Route] = {}
+    for entry in entries:
+        site = Site.from_dict(entry["site"])
+        module = _build(entry, model).to(device=device, dtype=dtype)
+        built.append(module)
+        if site.route == ROUTE_MODULE:
+            _replace_module(model, site.path, module)
+            if isinstance(module, CallSiteActivations):
+                assert site.caller is not None
+                route = forward_routes.setdefault(site.caller, Route())
+                route.resets.append(site.path[len(site.caller) + 1 :] if site.caller else site.path)
+            continue
+        owner = model.get_submodule(site.owner)
+        key = f"{site.op}_{site.index}"
+        _container(owner)[key] = module
+        routes = attention_routes if site.route == ROUTE_ATTENTION else forward_routes
+        route = routes.setdefault(site.owner, Route())
+        route.targets.setdefault(site.op or "", {})[site.index] = key
+        route.check_frames = route.check_frames or site.check_frames
+
+    for path, eager in attention_functions.items():
+        attention_routes.setdefault(path, Route()).eager = eager
+    for path, route in attention_routes.items():
+        install_attention_route(model.get_submodule(path), route)
+    for path, route in forward_routes.items():
+        install_forward_route(model.get_submodule(path), route)
+    return built
+
+
+def resolve_eager(reference: str) -> Callable[..., Any]:
+    """The eager attention function a manifest names, imported from transformers only."""
+    module_name, _, qualname = reference.partition(":")
+    if not module_name.startswith("transformers.") or not qualname.endswith("attention_forward"):
+        raise ManifestError(
+            f"the manifest names {reference!r} as an attention function; only transformers' own "
+            "eager attention functions are accepted"
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), qualname)
+    except (ImportError, AttributeError) as error:
+        raise ManifestError(
+            f"the manifest's attention function {reference!r} does not exist in this "
+            f"transformers version ({error}); load the model with the version it was saved with"
+        ) from error
+    return function
+
+
+def calibrate(model: nn.Module, inputs: Any) -> None:
+    """Centre every GMNM module's components on the values it sees on `inputs`."""
+    seen: dict[int, Tensor] = {}
+    modules = [m for _, m in gmnm_modules(model)]
+
+    def remember(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if id(module) not in seen and args and isinstance(args[0], Tensor):
+            seen[id(module)] = args[0].detach()
+
+    handles = [m.register_forward_pre_hook(remember) for m in modules]
+    try:
+        with evaluation(model):
+            run_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module in modules:
+        if id(module) in seen:
+            module.calibrate(seen[id(module)])
+    logger.info("calibrated %d of %d GMNM modules", len(seen), len(modules))
