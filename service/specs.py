@@ -6,7 +6,6 @@ them in one round trip.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from service.schemas import (
     Limits,
 )
 from service.settings import Settings
+from surgery import UnknownModelError, validate_reference
 from training.spec import ConvertSpec, EvaluateSpec, FineTuneSpec, describe_errors
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ class SpecBuilder:
                 return None
             return str(self.root / record.path)
         message = reference_problem(reference, self.settings.model_dirs)
-        if message is None:
-            message = _surgery_problem(reference)
         if message is not None:
             self.problems.add(param, f"{param}: {message}", "model_not_found")
             return None
@@ -97,17 +95,18 @@ class SpecBuilder:
 
 
 def reference_problem(reference: str, model_dirs: list[Path]) -> str | None:
-    """Why a model reference is refused before anything is loaded, or None when it may be used."""
-    if not reference.strip() or any(ord(char) < 32 for char in reference):
-        return "a model reference must be a non-empty name without control characters."
-    if "://" in reference or reference.startswith(("http:", "https:", "file:")):
-        return (
-            f"'{reference}' is a URL; give a Hugging Face id (org/name), a timm name, or a "
-            "checkpoint id instead."
-        )
-    looks_like_path = reference.startswith(("/", ".", "~")) or "\\" in reference
-    if ".." in Path(reference).parts or looks_like_path:
-        resolved = Path(reference).expanduser().resolve()
+    """Why a model reference is refused before anything is loaded, or None when it may be used.
+
+    Local paths are accepted only inside the operator's GMNM_MODEL_DIRS; everything else must
+    be a well-formed Hugging Face id or timm name.
+    """
+    if any(ord(char) < 32 for char in reference):
+        return "a model reference must not contain control characters."
+    path_text = reference.removeprefix("local-dir:")
+    if path_text.startswith(("/", "./", "~")) or path_text != reference:
+        if ".." in Path(path_text).parts:
+            return f"the local path '{reference}' contains '..'; give the directory itself."
+        resolved = Path(path_text).expanduser().resolve()
         allowed = [directory.resolve() for directory in model_dirs]
         if not any(resolved.is_relative_to(directory) for directory in allowed):
             where = ", ".join(str(directory) for directory in allowed) or "none configured"
@@ -115,22 +114,10 @@ def reference_problem(reference: str, model_dirs: list[Path]) -> str | None:
                 f"the local path '{reference}' is outside the directories models may be loaded "
                 f"from (GMNM_MODEL_DIRS: {where})."
             )
-    return None
-
-
-def _surgery_problem(reference: str) -> str | None:
-    try:
-        surgery = importlib.import_module("surgery")
-        errors = importlib.import_module("surgery.errors")
-    except ImportError:
-        return None  # the surgery package checks the reference again when the job loads it
-    validate = getattr(surgery, "validate_reference", None)
-    unknown = getattr(errors, "UnknownModelError", None)
-    if validate is None or unknown is None:
         return None
     try:
-        validate(reference)
-    except unknown as error:
+        validate_reference(reference, allow_local=False)
+    except UnknownModelError as error:
         return str(error)
     return None
 

@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -132,10 +133,19 @@ def test_job_with_missing_file_and_url_model_lists_both_problems(client: TestCli
     assert "URL" in error["message"] and "file-nope" in error["message"]
 
 
-def test_local_model_paths_outside_allowed_directories_are_refused(client: TestClient) -> None:
-    response = client.post("/v1/conversions", json={"model": "/etc/../etc/passwd"})
-    error = assert_envelope(response, 400, "model")
+def test_local_model_paths_must_lie_inside_the_allowed_directories(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    allowed = tmp_path / "models"
+    (allowed / "tiny").mkdir(parents=True)
+    client = make_client(model_dirs=[allowed], run_supervisor=False)
+    error = assert_envelope(client.post("/v1/conversions", json={"model": "/etc"}), 400, "model")
     assert "GMNM_MODEL_DIRS" in error["message"]
+    escape = f"{allowed}/../../etc"
+    error = assert_envelope(client.post("/v1/conversions", json={"model": escape}), 400, "model")
+    assert "'..'" in error["message"]
+    inside = client.post("/v1/conversions", json={"model": str(allowed / "tiny")})
+    assert inside.status_code == 202, inside.text
 
 
 def test_engine_spec_problems_are_reported_under_the_request_field(client: TestClient) -> None:
