@@ -473,7 +473,9 @@ def _mnist1d() -> LoadedData:
     classes = [str(i) for i in range(10)]
 
     def split(x: np.ndarray, y: np.ndarray, name: str) -> Examples:
-        signals = [row.astype(np.float32)[None, :] for row in x]  # (1, 40): one row of pixels
+        # (1, 40): one row of pixels; the standardised values are mapped from [-4, 4] to [0, 1]
+        # like grey levels so that the model's own normalisation applies as to any image.
+        signals = [np.clip((row[None, :] + 4.0) / 8.0, 0.0, 1.0).astype(np.float32) for row in x]
         labels = [str(int(t)) for t in y]
         locations = [f"mnist1d {name} sample {i}" for i in range(len(labels))]
         return Examples("signal", signals, labels, locations, "mnist1d", classes)
