@@ -6,7 +6,8 @@ The mixture of one element x with parameters of its channel group is
 
 Parameters have shape (G, K): G groups of channels along `dim`, K components. `mixture` picks
 the fastest implementation available for the input (see `gmnm.backends`); `mixture_reference`
-is the plain broadcast version, kept as the test oracle and for export.
+is the plain broadcast version, kept as the test oracle and for export. `activation` adds a base
+activation (`base(x) + G(x)`), in one pass where the backend fuses that base.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from gmnm.config import LINEAR_BASE
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,48 @@ def mixture(x: Tensor, pi: Tensor, mu: Tensor, rho: Tensor, dim: int = -1) -> Te
     from gmnm import backends
 
     return backends.dispatch(x, pi, mu, rho, dim)
+
+
+def activation(
+    x: Tensor,
+    pi: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    base: str | None,
+    a: Tensor | None = None,
+    c: Tensor | None = None,
+    dim: int = -1,
+) -> Tensor:
+    """`base(x) + mixture(x)` through the fastest backend available for this input.
+
+    `base` is a name from `BASE_FUNCTIONS`, `"linear"` (then `a*x + c` with `a`, `c` of shape
+    (G,)), or None for the mixture alone. The value of the base term is exactly what the
+    PyTorch function computes, so with `pi = 0` the result equals `base(x)` bit for bit.
+    """
+    from gmnm import backends
+
+    return backends.dispatch_activation(x, pi, mu, rho, base, a, c, dim)
+
+
+def activation_reference(
+    x: Tensor,
+    pi: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    base: str | None,
+    a: Tensor | None = None,
+    c: Tensor | None = None,
+    dim: int = -1,
+) -> Tensor:
+    """`activation` from `mixture_reference` and the plain base function: the test oracle."""
+    y = mixture_reference(x, pi, mu, rho, dim)
+    if base == LINEAR_BASE:
+        if a is None or c is None:
+            raise ValueError("base='linear' needs the slope a and intercept c, each of shape (G,)")
+        return linear_term(x, a, c, dim) + y
+    if base is None:
+        return y
+    return BASE_FUNCTIONS[base](x) + y
 
 
 def expand_per_channel(x: Tensor, values: Tensor, dim: int) -> Tensor:

@@ -35,8 +35,40 @@ def _out_of_place(module: nn.Module) -> nn.Module:
     return module
 
 
+def fused_base_name(module: nn.Module) -> str | None:
+    """The base name whose PyTorch function computes exactly what `module` does, if known.
+
+    Matched by exact class (a subclass may override forward), so the fused kernels can take the
+    replaced activation into their own pass and stay bit-exact.
+    """
+    cls = type(module)
+    if cls is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}.get(cls)
+
+
 class _MixtureParameters(nn.Module):
-    """pi, mu, rho of shape (groups, K), always kept in fp32."""
+    """pi, mu, rho of shape (groups, K), kept in fp32 even when the model is cast to half.
+
+    Mixture weights cancel each other in a trained module; rounded to bf16 they give errors of
+    order 10, so `model.to(torch.bfloat16)` (or `.half()`) leaves these parameters (and their
+    gradients) in fp32 while moving them to the new device; the kernels compute in fp32 and
+    return the input's dtype. Casting to float64 is followed.
+    """
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+
+        def keep_full_precision(t: Tensor) -> Tensor:
+            result = fn(t)
+            half = (torch.float16, torch.bfloat16)
+            if result.dtype in half and t.is_floating_point() and t.dtype not in half:
+                return t.detach().to(result.device, copy=True)
+            return result
+
+        return super()._apply(keep_full_precision, recurse=False)
 
     def _init_mixture(self, groups: int, k: int, low: float, high: float) -> None:
         mu, rho = GF.initial_centres(k, low, high)
@@ -81,6 +113,12 @@ class GMNMActivation(_MixtureParameters):
         channels, groups: one parameter set per group of `channels // groups` channels along the
             last dimension; `groups=1` (default) shares one set across the layer.
         init_range: where the components are spread at init (and the fit range).
+
+    The parameters (pi, mu, rho, and a, c of a linear base) stay fp32 when the model is cast to
+    bf16/fp16; half inputs are computed in fp32 and returned in their own dtype. Bases
+    `"gelu"`, `"gelu_tanh"`, `"relu"`, `"silu"`, `"identity"`, `"linear"` and the exact torch
+    modules `nn.GELU`, `nn.ReLU`, `nn.SiLU`, `nn.Identity` run in the same kernel pass as the
+    mixture (see `gmnm.backends`); other bases are applied separately and added.
     """
 
     def __init__(
@@ -173,12 +211,16 @@ class GMNMActivation(_MixtureParameters):
             self.mu.uniform_(low, high)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = GF.mixture(x, self.pi, self.mu, self.rho, dim=-1)
         if self._runtime_base == LINEAR_BASE:
-            return GF.linear_term(x, self.a, self.c, dim=-1) + y
+            return GF.activation(x, self.pi, self.mu, self.rho, LINEAR_BASE, self.a, self.c)
         if self._runtime_base is None:
-            return y
-        return self._base_function()(x) + y
+            return GF.activation(x, self.pi, self.mu, self.rho, None)
+        if self.base_module is None:
+            return GF.activation(x, self.pi, self.mu, self.rho, self._config.base)
+        name = fused_base_name(self.base_module)
+        if name is not None:
+            return GF.activation(x, self.pi, self.mu, self.rho, name)
+        return self.base_module(x) + GF.mixture(x, self.pi, self.mu, self.rho, dim=-1)
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
@@ -208,7 +250,8 @@ class GMNMSoftmax(_MixtureParameters):
     """`softmax(s + G(s))` along `dim`, G a mixture initialised to zero (exact softmax at init).
 
     With `heads` given, each head (along `head_dim` of the input) has its own parameters.
-    Masked entries (-inf) stay masked; a fully masked row gives zeros; computed in fp32.
+    Masked entries (-inf) stay masked; a fully masked row gives zeros; computed in fp32. The
+    parameters stay fp32 when the model is cast to bf16/fp16.
     """
 
     def __init__(
