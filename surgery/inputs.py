@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 SEQUENCE_LENGTH = 8
 DECODER_LENGTH = 5
 PADDED = 3  # tokens masked out at the end of the second row
-MAX_FREE_IMAGE_SIZE = 96  # probe size cap for convolutional models that take any image size
+MAX_FREE_IMAGE_SIZE = 64  # probe size cap for convolutional models that take any image size
 
 
 def _model_of(model_or_loaded: Any) -> nn.Module:
