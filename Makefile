@@ -25,6 +25,7 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
