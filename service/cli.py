@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = database_commands.add_parser("upgrade", help="apply the schema migrations")
     _add_data_dir(upgrade)
     upgrade.set_defaults(func=_db_upgrade)
+
+    from surgery.cli import register as register_convert
+
+    register_convert(subparsers)
     return parser
 
 
