@@ -1,12 +1,11 @@
 """`gmnm convert`: load a model, plan, convert and save it from the command line.
 
     gmnm convert MODEL --out DIR [--targets activation,softmax] [--include PATTERN]
-        [--exclude PATTERN] [--components K] [--init residual|fit|random] [--no-pretrained]
-        [--dry-run] [--json]
+        [--exclude PATTERN] [--components K] [--init residual|fit|random] [--groups N|channel]
+        [--calibrate] [--no-pretrained] [--dry-run] [--json]
 
 The plan is printed as a table (or, with --json, the plan and report as one JSON object on
-stdout); progress goes to the log. Heavy imports wait until the command runs, so that `gmnm
---help` stays fast.
+stdout); progress goes to the log.
 """
 
 from __future__ import annotations
@@ -56,6 +55,16 @@ def register(subparsers: Any) -> None:
         "--init", choices=("residual", "fit", "random"), default="residual", help="initialisation"
     )
     parser.add_argument(
+        "--groups",
+        default="1",
+        help='parameter sets per activation along its channels: 1, a divisor, or "channel"',
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="centre the components (and fit, with --init fit) on the values a probe batch gives",
+    )
+    parser.add_argument(
         "--no-pretrained", action="store_true", help="random weights from the config alone"
     )
     parser.add_argument("--revision", help="branch, tag or commit of a Hugging Face repository")
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         UnknownModelError,
         UnsupportedModelError,
         convert,
+        example_inputs,
         load_model,
         plan,
         save,
@@ -92,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     try:
         config = GMNMConfig(num_components=args.components, init=args.init)
+        groups: int | str = args.groups if args.groups == "channel" else int(args.groups)
     except ValueError as error:
-        logger.error("%s", error)
+        logger.error("invalid option: %s", error)
         return EXIT_INVALID
     try:
         loaded = load_model(
@@ -114,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             _write(found.to_dict() if args.json else found.table(), args.json)
             return EXIT_OK
-        report = convert(loaded.model, found, config, share_calls=args.share_calls)
+        report = convert(
+            loaded.model,
+            found,
+            config,
+            share_calls=args.share_calls,
+            groups=groups,
+            calibration_inputs=example_inputs(loaded) if args.calibrate else None,
+        )
         out = save(loaded.model, args.out)
     except (UnknownModelError, UnsupportedModelError, RemoteCodeRefusedError) as error:
         logger.error("%s", error)

@@ -34,7 +34,7 @@ from surgery.routing import (
     install_forward_route,
     register_attention,
 )
-from surgery.trace import evaluation, run_model
+from surgery.trace import evaluation, run_model, trace_model
 
 logger = logging.getLogger(__name__)
 
@@ -103,19 +103,23 @@ def convert(
     *,
     share_calls: bool = False,
     calibration_inputs: Any = None,
+    groups: int | str = 1,
 ) -> Report:
     """Replace every site the plan marks `replace`, in place, and check the result.
 
     Args:
-        config: GMNM settings for every new module (`num_components`, `init`, `init_range`,
-            `groups`); the base of an activation is always the replaced activation itself.
+        config: GMNM settings for every new module (`num_components`, `init`, `init_range`);
+            the base of an activation is always the replaced activation itself.
             Softmax replacements always start in residual form (exact softmax at step 0).
         probe_inputs: the batch the original and converted outputs are compared on (default:
             `example_inputs(model)`).
+        groups: parameter sets per activation site along its last (channel) dimension: 1 (one
+            per layer), a number dividing every site's channels, or "channel" (one per channel).
         share_calls: give an activation module that its caller calls several times one set of
             parameters instead of one per call.
         calibration_inputs: when given, each new module's components are centred on the
-            quantiles of the values it sees on this batch (and `fit` is redone over that range).
+            quantiles of the values it sees on this batch, and `fit` fits each activation over
+            the whole range of values it sees there (a little wider), not over `init_range`.
 
     The reference output is the original model with attention computed unfused and eagerly, the
     computation the GMNM softmax replaces (SDPA differs from it by rounding alone).
@@ -128,8 +132,13 @@ def convert(
             "second conversion would wrap GMNM modules in GMNM modules)"
         )
     _check_plan(model, plan)
-    entries = [_entry(site, config, share_calls) for site in plan.replaced]
-    _check_entries(entries)
+    _check_groups(plan.replaced, groups)
+    ranges: dict[str, tuple[float, float]] = {}
+    if calibration_inputs is not None and config.init == "fit":
+        ranges = trace_model(model, calibration_inputs, discover=True, record_ranges=True).ranges
+    entries = [
+        _entry(site, config, share_calls, ranges.get(site.path), groups) for site in plan.replaced
+    ]
     probe = probe_inputs if probe_inputs is not None else example_inputs(model)
     attention = _attention_record(model, plan)
     unfused = _unfuse(model, plan)
@@ -244,9 +253,19 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
         )
 
 
-def _entry(site: Site, config: GMNMConfig, share_calls: bool) -> dict[str, Any]:
+def _entry(
+    site: Site,
+    config: GMNMConfig,
+    share_calls: bool,
+    observed: tuple[float, float] | None,
+    groups: int | str,
+) -> dict[str, Any]:
     """The manifest entry of one site: the site, the GMNM config, where the module lives."""
     k, init_range = config.num_components, config.init_range
+    if observed is not None and observed[1] > observed[0] and not is_softmax_site(site):
+        # a fit is only good where it was fitted: cover every value seen, with a margin
+        margin = 0.05 * (observed[1] - observed[0])
+        init_range = (observed[0] - margin, observed[1] + margin)
     if is_softmax_site(site):
         module_config = GMNMConfig(
             num_components=k,
@@ -257,9 +276,8 @@ def _entry(site: Site, config: GMNMConfig, share_calls: bool) -> dict[str, Any]:
             init_range=init_range,
         )
     else:
-        channels = None
-        if config.groups > 1:
-            channels = site.shape[-1] if site.shape else None
+        channels = site.shape[-1] if groups != 1 and site.shape else None
+        count = channels if groups == "channel" else int(groups)
         base_class = (
             site.implementation if site.route == ROUTE_MODULE else class_name(FunctionalActivation)
         )
@@ -268,7 +286,7 @@ def _entry(site: Site, config: GMNMConfig, share_calls: bool) -> dict[str, Any]:
             base=MODULE_BASE_PREFIX + base_class,
             init=config.init,
             channels=channels,
-            groups=config.groups,
+            groups=count or 1,
             init_range=init_range,
         )
     copies = 1
@@ -293,29 +311,30 @@ def _is_below(path: str, ancestor: str) -> bool:
     return not ancestor or path.startswith(ancestor + ".")
 
 
-def _check_entries(entries: list[dict[str, Any]]) -> None:
-    """Refuse settings that cannot apply to some site, all of them at once."""
+def _check_groups(sites: list[Site], groups: int | str) -> None:
+    """Refuse a grouping that cannot apply to some activation site, naming all of them."""
+    if groups == 1:
+        return
+    if groups != "channel" and not (isinstance(groups, int) and groups > 1):
+        raise ConversionError(f'groups must be a positive integer or "channel", got {groups!r}')
     problems = []
-    for entry in entries:
-        config, site = entry["config"], entry["site"]
-        if config.get("groups", 1) > 1:
-            shape = site.get("shape")
-            if not shape:
-                problems.append(f"{site['path']}: not reached by the probe, channel count unknown")
-            elif len(shape) == 4:
-                problems.append(
-                    f"{site['path']}: input of shape {shape} is not channels-last, so groups "
-                    "along the last dimension would group image columns"
-                )
-            elif shape[-1] % config["groups"]:
-                problems.append(
-                    f"{site['path']}: {shape[-1]} channels are not divisible by groups="
-                    f"{config['groups']}"
-                )
+    for site in sites:
+        if is_softmax_site(site):
+            continue
+        shape = site.shape
+        if not shape:
+            problems.append(f"{site.path}: not reached by the probe, so its channels are unknown")
+        elif len(shape) == 4:
+            problems.append(
+                f"{site.path}: its input {shape} is not channels-last, so groups along the last "
+                "dimension would group image columns"
+            )
+        elif isinstance(groups, int) and shape[-1] % groups:
+            problems.append(f"{site.path}: {shape[-1]} channels are not divisible by {groups}")
     if problems:
         raise ConversionError(
-            "groups > 1 gives each group of channels its own parameters, which these sites "
-            "cannot take: " + "; ".join(problems) + ". Use groups=1, or exclude these sites."
+            f"groups={groups!r} gives each group of channels its own parameters, which these "
+            "sites cannot take: " + "; ".join(problems) + ". Use groups=1, or exclude them."
         )
 
 
@@ -486,6 +505,8 @@ def calibrate(model: nn.Module, inputs: Any) -> None:
         for handle in handles:
             handle.remove()
     for module in modules:
-        if id(module) in seen:
+        # fitted activations were fitted over the whole observed range already
+        fitted = isinstance(module, GMNMActivation) and module.config.init == "fit"
+        if id(module) in seen and not fitted:
             module.calibrate(seen[id(module)])
     logger.info("calibrated %d of %d GMNM modules", len(seen), len(modules))

@@ -31,7 +31,7 @@ from surgery.registry import (
     is_head_path,
     module_kind,
 )
-from surgery.trace import ModuleRecord, Trace, is_gmnm_module, trace_model
+from surgery.trace import ModuleRecord, Trace, call_site_path, is_gmnm_module, trace_model
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _call_sites(trace: Trace, task_model: bool) -> list[Site]:
         else:
             implementation = f"{family} call in {record.owner_class}.forward"
         site = Site(
-            path=f"{owner or '<model>'}:{family}#{index}",
+            path=call_site_path(owner, family, index),
             kind=kind,
             implementation=implementation,
             route=ROUTE_ATTENTION if registry_attention else ROUTE_FORWARD,

@@ -52,6 +52,11 @@ class OpRecord:
     owner_class: str = ""
 
 
+def call_site_path(owner: str, family: str, index: int) -> str:
+    """The site path of a functional call: `owner:op#index` (`<model>` for the root)."""
+    return f"{owner or '<model>'}:{family}#{index}"
+
+
 @dataclass
 class Trace:
     modules: dict[str, ModuleRecord] = field(default_factory=dict)
@@ -63,6 +68,8 @@ class Trace:
     # owner path -> op families that other model modules emitted while the owner was running
     nested: dict[str, set[str]] = field(default_factory=dict)
     called: set[str] = field(default_factory=set)
+    # site path -> (smallest, largest) finite input value, when the trace records ranges
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def is_gmnm_module(module: nn.Module) -> bool:
@@ -100,7 +107,8 @@ class _Recorder(TorchFunctionMode):
 
 
 class _Tracer:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, record_ranges: bool = False) -> None:
+        self.record_ranges = record_ranges
         self.paths: dict[int, str] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             self.paths.setdefault(id(module), path)
@@ -134,6 +142,7 @@ class _Tracer:
                 )
             if args and isinstance(args[0], Tensor):
                 record.shape = tuple(args[0].shape)
+                self._record_range(path, args[0])
         if path is not None:
             self.trace.called.add(path)
         self.stack.append(_Frame(module, path, skip))
@@ -141,6 +150,18 @@ class _Tracer:
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self.stack and self.stack[-1].module is module:
             self.stack.pop()
+
+    def _record_range(self, site: str, values: Tensor) -> None:
+        if not self.record_ranges or not values.is_floating_point():
+            return
+        finite = values.detach()[torch.isfinite(values.detach())]
+        if not finite.numel():
+            return
+        low, high = float(finite.min()), float(finite.max())
+        if site in self.trace.ranges:
+            low = min(low, self.trace.ranges[site][0])
+            high = max(high, self.trace.ranges[site][1])
+        self.trace.ranges[site] = (low, high)
 
     def _inside_gmnm(self) -> bool:
         return any(is_gmnm_module(frame.module) for frame in self.stack)
@@ -159,6 +180,7 @@ class _Tracer:
         record = self.trace.ops.setdefault((owner.path, call.family, index), OpRecord())
         record.calls += 1
         record.shape = tuple(call.input.shape)
+        self._record_range(call_site_path(owner.path, call.family, index), call.input)
         record.arguments = stored_arguments(call)
         record.owner_class = type(owner.module).__name__
 
@@ -244,13 +266,16 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def trace_model(model: nn.Module, inputs: Any, *, discover: bool) -> Trace:
+def trace_model(
+    model: nn.Module, inputs: Any, *, discover: bool, record_ranges: bool = False
+) -> Trace:
     """Run `model` once on `inputs` and record every activation and softmax it runs.
 
     With `discover`, attention runs unfused (timm) and through each family's eager function
-    (transformers), so that the softmax the conversion will replace is visible.
+    (transformers), so that the softmax the conversion will replace is visible. With
+    `record_ranges`, the smallest and largest input value of every site is kept.
     """
-    tracer = _Tracer(model)
+    tracer = _Tracer(model, record_ranges)
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation(model))
         if discover:
