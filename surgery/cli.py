@@ -86,6 +86,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from gmnm import GMNMConfig
     from surgery import (
+        KINDS,
         RemoteCodeRefusedError,
         SurgeryError,
         UnknownModelError,
@@ -99,6 +100,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.dry_run and not args.out:
         logger.error("--out is required to save the converted model (or use --dry-run)")
+        return EXIT_INVALID
+    targets = [kind.strip() for kind in args.targets.split(",") if kind.strip()]
+    unknown = [kind for kind in targets if kind not in KINDS]
+    if unknown or not targets:
+        logger.error(
+            "--targets %r names unknown kinds %s; valid kinds are %s",
+            args.targets,
+            unknown,
+            ", ".join(KINDS),
+        )
         return EXIT_INVALID
     try:
         config = GMNMConfig(num_components=args.components, init=args.init)
@@ -117,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         )
         found = plan(
             loaded.model,
-            targets=args.targets,
+            targets=targets,
             include=args.include,
             exclude=args.exclude,
             config=config,

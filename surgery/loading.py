@@ -201,6 +201,13 @@ def hub_file(ref: str, filename: str, revision: str | None) -> str:
 
     try:
         return hf_hub_download(ref, filename, revision=revision)
+    # (a subclass of EntryNotFoundError, so it comes first)
+    except LocalEntryNotFoundError as error:
+        raise UnknownModelError(
+            f"model {ref!r} ({filename}) is not in the local Hugging Face cache and the hub "
+            "cannot be reached (offline); download it into HF_HOME first, or give a local "
+            "directory"
+        ) from error
     except RevisionNotFoundError as error:
         raise UnknownModelError(f"{ref!r} has no revision {revision!r}") from error
     except EntryNotFoundError as error:
@@ -208,12 +215,6 @@ def hub_file(ref: str, filename: str, revision: str | None) -> str:
     except RepositoryNotFoundError as error:
         raise UnknownModelError(
             f"model {ref!r} was not found on the Hugging Face hub; give {_ACCEPTED_FORMS}"
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise UnknownModelError(
-            f"model {ref!r} ({filename}) is not in the local Hugging Face cache and the hub "
-            "cannot be reached (offline); download it into HF_HOME first, or give a local "
-            "directory"
         ) from error
 
 
@@ -331,6 +332,13 @@ def _load_transformers(
 ) -> tuple[nn.Module, SourceInfo]:
     from transformers import AutoConfig
 
+    raw = _raw_config(ref, revision)
+    if raw.get("auto_map") and not trust_remote_code and _needs_remote_code(raw):
+        raise RemoteCodeRefusedError(
+            f"{ref!r} maps its model to code in its repository (auto_map); pass "
+            "trust_remote_code=True (the service operator must allow it) only if you trust that "
+            "repository"
+        )
     overrides: dict[str, Any] = {"num_labels": num_labels} if num_labels is not None else {}
     try:
         config = AutoConfig.from_pretrained(
@@ -347,11 +355,6 @@ def _load_transformers(
         raise UnknownModelError(
             f"{ref!r} could not be found ({error}); give {_ACCEPTED_FORMS}"
         ) from error
-    if getattr(config, "auto_map", None) and not trust_remote_code and _needs_remote_code(config):
-        raise RemoteCodeRefusedError(
-            f"{ref!r} maps its model to code in its repository; pass trust_remote_code=True "
-            "(the service operator must allow it) only if you trust that repository"
-        )
 
     cls = _transformers_class(task, config)
     try:
@@ -389,10 +392,18 @@ def _load_transformers(
     return model, source
 
 
-def _needs_remote_code(config: Any) -> bool:
+def _raw_config(ref: str, revision: str | None) -> dict[str, Any]:
+    if Path(ref).is_dir():
+        data = json.loads((Path(ref) / "config.json").read_text())
+        return data if isinstance(data, dict) else {}
+    return _hub_config(ref, revision)
+
+
+def _needs_remote_code(raw: dict[str, Any]) -> bool:
+    """Whether transformers would need the repository's code to build this config's model."""
     from transformers import CONFIG_MAPPING
 
-    return config.model_type not in CONFIG_MAPPING
+    return raw.get("model_type") not in CONFIG_MAPPING
 
 
 def _transformers_revision(ref: str, revision: str | None) -> str | None:

@@ -1,0 +1,59 @@
+"""`gmnm convert` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from surgery_models import tiny_transformers
+
+import surgery
+from service.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "gpt2"
+    tiny_transformers("gpt2").save_pretrained(directory)
+    return directory
+
+
+def test_dry_run_prints_the_plan_as_a_table(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["convert", str(model_dir), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "h.0.attn:softmax#0" in out and "sites replaced/found per kind" in out
+
+
+def test_convert_saves_a_loadable_model_and_prints_json(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "out"
+    code = main(
+        [
+            "convert",
+            str(model_dir),
+            "--out",
+            str(out_dir),
+            "--components",
+            "4",
+            "--exclude",
+            "*.mlp.*",
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["report"]["max_abs_diff"] == 0.0 and result["report"]["audit"] == []
+    assert result["report"]["sites_replaced"] == {"softmax": 1}
+    model = surgery.load(out_dir)
+    assert surgery.is_converted(model) and len(surgery.gmnm_parameter_names(model)) == 3
+
+
+def test_bad_references_and_options_exit_with_status_2(model_dir: Path) -> None:
+    assert main(["convert", "https://example.com/model", "--dry-run"]) == 2
+    assert main(["convert", str(model_dir)]) == 2  # no --out
+    assert main(["convert", str(model_dir), "--dry-run", "--targets", "everything"]) == 2
+    assert main(["convert", str(model_dir), "--dry-run", "--groups", "two"]) == 2
