@@ -140,11 +140,15 @@ class BatchFeeder:
     def next(self) -> Batch:
         if self._iterator is None:
             batches = [self._share(b) for b in self.order.remaining_in_epoch()]
+            # A loader draws its workers' base seed from the generator it is given; the global
+            # one would shift dropout masks whenever a resumed run starts a loader mid-epoch.
+            seeds = torch.Generator().manual_seed(self.order.seed * 1_000_003 + self.order.epoch)
             loader = DataLoader(
                 self.dataset,
                 batch_sampler=batches,
                 collate_fn=self.collate,
                 num_workers=self.workers,
+                generator=seeds,
             )
             self._iterator = iter(loader)
         batch = next(self._iterator)

@@ -1,0 +1,185 @@
+"""Whole fine-tunes on CPU with tiny converted models, one per task.
+
+Each checks that the loss falls, that every checkpoint opens with surgery.load, and that an
+evaluation of each checkpoint reproduces the metrics logged when it was written.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import surgery
+from tests.training.helpers import checkpoint_dirs, events_of, read_json, train_losses
+from training.evaluate import run_evaluation
+from training.finetune import run_fine_tune
+from training.protocol import CHECKPOINT_INFO_FILE, CURVES_FILE, METRICS_FILE, RESULT_FILE
+from training.spec import EvaluateSpec, FineTuneSpec
+
+CONVERSION = {"targets": ["activation", "softmax"], "gmnm": {"num_components": 4}}
+
+
+def _fine_tune(out: Path, **fields: Any) -> FineTuneSpec:
+    spec = FineTuneSpec.model_validate({"device": "cpu", "seed": 0, **fields})
+    result = run_fine_tune(spec, out)
+    assert result.status == "succeeded"
+    return spec
+
+
+def _assert_loss_falls(out: Path, by: float) -> None:
+    losses = list(train_losses(out).values())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < (1 - by) * first, f"loss did not fall by {by:.0%}: {losses}"
+
+
+def _assert_checkpoints_reproduce_metrics(out: Path, spec: FineTuneSpec) -> list[Path]:
+    directories = checkpoint_dirs(out)
+    assert directories, "no checkpoint written"
+    for directory in directories:
+        info = read_json(directory / CHECKPOINT_INFO_FILE)
+        model = surgery.load(directory)
+        assert surgery.is_converted(model)
+        evaluation = EvaluateSpec.model_validate(
+            {
+                "model": str(directory),
+                "device": "cpu",
+                "seed": spec.seed,
+                "task": spec.task,
+                "data": spec.data.model_dump(),
+                "batch_size": spec.hyperparameters.batch_size,
+                "latency_batches": 1,
+            }
+        )
+        result = run_evaluation(evaluation, out / f"eval-{directory.name}")
+        for name, value in result.metrics.items():
+            logged = info["metrics"][f"valid_{name}"]
+            assert value == pytest.approx(logged, rel=1e-5, abs=1e-6), (directory.name, name)
+    return directories
+
+
+def test_image_classification_fine_tune_of_a_converted_vit(tmp_path: Path, tiny_vit: Path) -> None:
+    out = tmp_path / "job"
+    spec = _fine_tune(
+        out,
+        model=str(tiny_vit),
+        conversion=CONVERSION,
+        data={"train": {"builtin": "digits"}, "validation_fraction": 0.1},
+        hyperparameters={
+            "batch_size": 32,
+            "max_steps": 60,
+            "learning_rate": 5e-3,
+            "gmnm_learning_rate": 5e-3,
+            "warmup_steps": 3,
+            "log_interval": 1,
+            "eval_interval": 30,
+            "checkpoint_interval": 30,
+        },
+    )
+    _assert_loss_falls(out, by=0.3)
+    directories = _assert_checkpoints_reproduce_metrics(out, spec)
+    assert [d.name for d in directories] == ["step-30", "step-60"]
+    metrics = read_json(out / METRICS_FILE)
+    assert metrics["step"] == 60 and metrics["valid_accuracy"] > 0.4
+    result = read_json(out / RESULT_FILE)
+    assert result["conversion"]["sites_replaced"] == {"activation": 2, "softmax": 2}
+    assert result["gmnm_parameters"] > 0 and result["final_checkpoint"] == "checkpoints/step-60"
+    assert (out / CURVES_FILE).stat().st_size > 1000
+
+
+def test_text_classification_fine_tune_of_a_converted_bert(
+    tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path]
+) -> None:
+    out = tmp_path / "job"
+    train, valid = reviews
+    spec = _fine_tune(
+        out,
+        model=str(tiny_bert),
+        conversion=CONVERSION,
+        data={"train": {"path": str(train)}, "validation": {"path": str(valid)}, "max_length": 16},
+        hyperparameters={
+            "batch_size": 16,
+            "max_steps": 36,
+            "learning_rate": 3e-3,
+            "log_interval": 1,
+            "checkpoint_interval": 18,
+        },
+    )
+    _assert_loss_falls(out, by=0.3)
+    _assert_checkpoints_reproduce_metrics(out, spec)
+    metrics = read_json(out / METRICS_FILE)
+    assert metrics["valid_accuracy"] >= 0.7
+    config = read_json(checkpoint_dirs(out)[-1] / "config.json")
+    assert config["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_causal_lm_fine_tune_of_a_converted_gpt2(
+    tmp_path: Path, tiny_gpt2: Path, story: Path
+) -> None:
+    out = tmp_path / "job"
+    spec = _fine_tune(
+        out,
+        model=str(tiny_gpt2),
+        conversion=CONVERSION,
+        data={"train": {"path": str(story)}, "validation_fraction": 0.1, "max_length": 24},
+        hyperparameters={
+            "batch_size": 8,
+            "max_steps": 30,
+            "learning_rate": 3e-3,
+            "log_interval": 1,
+            "eval_interval": 10,
+            "checkpoint_interval": 20,
+        },
+    )
+    _assert_loss_falls(out, by=0.3)
+    _assert_checkpoints_reproduce_metrics(out, spec)
+    metrics = read_json(out / METRICS_FILE)
+    assert metrics["valid_perplexity"] < 10 and metrics["valid_tokens"] > 0
+    assert read_json(out / RESULT_FILE)["trained_tokens"] == 30 * 8 * 24
+
+
+def test_gmnm_only_phase_moves_only_gmnm_parameters_under_bf16_autocast(tmp_path: Path) -> None:
+    from training.convert import run_conversion
+    from training.spec import ConvertSpec
+
+    converted = tmp_path / "converted"
+    conversion = ConvertSpec.model_validate(
+        {
+            "model": "test_vit",
+            "pretrained": False,
+            "task": "image-classification",
+            "num_labels": 10,
+            "conversion": CONVERSION,
+        }
+    )
+    run_conversion(conversion, converted)
+    start = converted / "checkpoints" / "step-0"
+
+    out = tmp_path / "job"
+    _fine_tune(
+        out,
+        model=str(start),
+        precision="bf16",
+        data={"train": {"builtin": "digits"}},
+        limits={"max_train_samples": 64, "max_eval_samples": 16},
+        hyperparameters={
+            "batch_size": 8,
+            "max_steps": 3,
+            "gmnm_only_steps": 2,
+            "learning_rate": 1e-2,
+            "checkpoint_interval": 2,
+            "log_interval": 1,
+        },
+    )
+    before = surgery.load(start).state_dict()
+    phase_one = surgery.load(out / "checkpoints" / "step-2")
+    after = surgery.load(out / "checkpoints" / "step-3").state_dict()
+    gmnm_names = surgery.gmnm_parameter_names(phase_one)
+    assert gmnm_names
+    phase_one_state = phase_one.state_dict()
+    for name, parameter in phase_one.named_parameters():
+        if name not in gmnm_names:
+            assert torch.equal(parameter, before[name]), f"{name} moved in the GMNM-only phase"
+    assert any(not torch.equal(phase_one_state[n], before[n]) for n in gmnm_names)
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert "(bf16, 1 process)" in events_of(out)[0]["message"]
