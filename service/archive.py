@@ -27,9 +27,17 @@ def _normalised(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def write_archive(source: Path, destination: Path, top: str) -> tuple[str, int]:
-    """Archive `source` into `destination` (atomically); returns (sha256 hex, size in bytes)."""
-    paths = sorted(source.rglob("*"), key=lambda path: path.relative_to(source).as_posix())
+def write_archive(
+    source: Path, destination: Path, top: str, exclude: frozenset[str] = frozenset()
+) -> tuple[str, int]:
+    """Archive `source` into `destination` (atomically); returns (sha256 hex, size in bytes).
+
+    `exclude` names top-level files of `source` to leave out.
+    """
+    paths = sorted(
+        (path for path in source.rglob("*") if path.relative_to(source).as_posix() not in exclude),
+        key=lambda path: path.relative_to(source).as_posix(),
+    )
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(temporary, "w", format=tarfile.GNU_FORMAT) as tar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,10 +17,14 @@ from service.errors import ApiError, not_found
 from service.jobs import checkpoint_public
 from service.schemas import CheckpointPublic
 from training import protocol
+from training.checkpoint import TRAINING_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+
+# What a model download leaves out unless the training state is asked for.
+MODEL_ONLY_EXCLUDES = frozenset({TRAINING_STATE_FILE})
 
 # One archive build per checkpoint at a time; later requests wait and reuse it.
 _build_locks: dict[str, threading.Lock] = {}
@@ -34,28 +39,48 @@ def _owned(context: ServiceContext, owner: str, checkpoint_id: str) -> Checkpoin
     return record
 
 
+def ensure_full_archive(context: ServiceContext, record: CheckpointRecord) -> tuple[Path, str]:
+    """The archive with the training state as well; its sha256 is kept beside it."""
+    archive = context.layout.archive_path(record.id).with_suffix(".full.tar")
+    digest_file = archive.with_name(archive.name + ".sha256")
+    with _lock_for(record.id + ".full"):
+        if not (archive.exists() and digest_file.exists()):
+            sha256, _ = write_archive(_source(context, record), archive, top=record.id)
+            digest_file.write_text(sha256)
+    return archive, digest_file.read_text().strip()
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _locks_guard:
+        return _build_locks.setdefault(key, threading.Lock())
+
+
+def _source(context: ServiceContext, record: CheckpointRecord) -> Path:
+    source = context.layout.root / record.path
+    if not source.is_dir():
+        raise ApiError(
+            410,
+            f"Checkpoint {record.id} is recorded but its directory is gone from the data "
+            "directory; it cannot be downloaded.",
+            type="invalid_request_error",
+            code="checkpoint_missing",
+        )
+    return source
+
+
 def ensure_archive(context: ServiceContext, record: CheckpointRecord) -> CheckpointRecord:
-    """Build the checkpoint's archive once, and record its sha256 and size."""
+    """Build the checkpoint's archive (the model, without training state) once, and record its
+    sha256 and size."""
     archive = context.layout.archive_path(record.id)
     if record.sha256 is not None and archive.exists():
         return record
-    with _locks_guard:
-        lock = _build_locks.setdefault(record.id, threading.Lock())
-    with lock:
+    with _lock_for(record.id):
         with context.db.read() as session:
             fresh = session.get(CheckpointRecord, record.id)
         if fresh is not None and fresh.sha256 is not None and archive.exists():
             return fresh
-        source = context.layout.root / record.path
-        if not source.is_dir():
-            raise ApiError(
-                410,
-                f"Checkpoint {record.id} is recorded but its directory is gone from the data "
-                "directory; it cannot be downloaded.",
-                type="invalid_request_error",
-                code="checkpoint_missing",
-            )
-        sha256, size = write_archive(source, archive, top=record.id)
+        source = _source(context, record)
+        sha256, size = write_archive(source, archive, top=record.id, exclude=MODEL_ONLY_EXCLUDES)
         with context.db.write() as session:
             row = session.get(CheckpointRecord, record.id)
             assert row is not None
@@ -79,23 +104,34 @@ def retrieve_checkpoint(checkpoint_id: str, context: Context, owner: Owner) -> A
     responses={200: {"content": {"application/x-tar": {}}}},
 )
 def checkpoint_content(
-    checkpoint_id: str, request: Request, context: Context, owner: Owner
+    checkpoint_id: str,
+    request: Request,
+    context: Context,
+    owner: Owner,
+    training_state: bool = False,
 ) -> Response:
     """The checkpoint directory as an uncompressed tar under one folder named after its id.
 
-    The archive is byte-for-byte reproducible: its sha256 is the `ETag` and the
+    By default the archive holds the model (weights, manifest, config, tokenizer) and leaves out
+    the optimizer and scheduler state, which only resuming the job needs; `training_state=true`
+    includes it. The archive is byte-for-byte reproducible: its sha256 is the `ETag` and the
     `X-Checkpoint-SHA256` header. Range requests resume an interrupted download. Extract it and
     open the folder with `surgery.load`.
     """
-    record = ensure_archive(context, _owned(context, owner, checkpoint_id))
-    etag = f'"{record.sha256}"'
+    record = _owned(context, owner, checkpoint_id)
+    if training_state:
+        path, sha256 = ensure_full_archive(context, record)
+    else:
+        record = ensure_archive(context, record)
+        path, sha256 = context.layout.archive_path(record.id), str(record.sha256)
+    etag = f'"{sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(
-        context.layout.archive_path(record.id),
+        path,
         media_type="application/x-tar",
-        filename=f"{record.id}.tar",
-        headers={"ETag": etag, "X-Checkpoint-SHA256": str(record.sha256)},
+        filename=path.name,
+        headers={"ETag": etag, "X-Checkpoint-SHA256": sha256},
     )
 
 

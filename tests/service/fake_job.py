@@ -58,6 +58,7 @@ def checkpoint(out: Path, step: int, loss: float) -> None:
     temporary.mkdir(parents=True, exist_ok=True)
     (temporary / "model.safetensors").write_bytes(f"weights at step {step}".encode() * 100)
     (temporary / "manifest.json").write_text(json.dumps({"step": step}))
+    (temporary / "training_state.pt").write_bytes(b"optimizer state" * 50)
     info = {"step": step, "metrics": {"loss": loss}, "created_at": time.time()}
     (temporary / protocol.CHECKPOINT_INFO_FILE).write_text(json.dumps(info))
     temporary.rename(final)

@@ -352,7 +352,13 @@ def test_checkpoint_archive_is_reproducible_with_etag_and_ranges(client: TestCli
         names = tar.getnames()
         assert all(member.mtime == 0 and member.uid == 0 for member in tar.getmembers())
     assert f"{checkpoint_id}/model.safetensors" in names
+    assert f"{checkpoint_id}/training_state.pt" not in names
     assert names == sorted(names)
+    full = client.get(f"/v1/checkpoints/{checkpoint_id}/content?training_state=true")
+    with tarfile.open(fileobj=io.BytesIO(full.content)) as tar:
+        assert f"{checkpoint_id}/training_state.pt" in tar.getnames()
+    assert full.headers["etag"] == f'"{hashlib.sha256(full.content).hexdigest()}"'
+    assert full.headers["etag"] != content.headers["etag"]
 
     partial = client.get(
         f"/v1/checkpoints/{checkpoint_id}/content", headers={"Range": "bytes=100-199"}
