@@ -46,6 +46,13 @@ def audit(model: nn.Module, example_inputs: Any, *, include_kept: bool = False) 
     Each finding names the site (module path, or `owner:op#index` for a call inside a forward),
     its kind, what computed it and how often it ran. Empty when everything is routed.
     """
+    return audit_run(model, example_inputs, include_kept=include_kept)[0]
+
+
+def audit_run(
+    model: nn.Module, example_inputs: Any, *, include_kept: bool = False
+) -> tuple[list[Finding], Any]:
+    """`audit`, also returning what the model returned on the inputs."""
     state = surgery_state(model) or {}
     kept: set[tuple[str, str, int]] = set()
     for site in state.get("kept", []):
@@ -81,4 +88,4 @@ def audit(model: nn.Module, example_inputs: Any, *, include_kept: bool = False) 
         )
     if findings:
         logger.info("audit of %s: %d findings", type(model).__name__, len(findings))
-    return findings
+    return findings, trace.output

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from gmnm import GMNMActivation, GMNMConfig, GMNMSoftmax
 from gmnm.config import MODULE_BASE_PREFIX
 from surgery.errors import ConversionError, ManifestError
-from surgery.inputs import example_inputs, is_transformers_model, max_abs_diff
+from surgery.inputs import example_inputs, max_abs_diff
 from surgery.plan import ROUTE_ATTENTION, ROUTE_FORWARD, ROUTE_MODULE, Plan, Site, is_softmax_site
 from surgery.registry import FunctionalActivation, class_name
 from surgery.routing import (
@@ -34,7 +34,7 @@ from surgery.routing import (
     install_forward_route,
     register_attention,
 )
-from surgery.trace import evaluation, run_model, trace_model
+from surgery.trace import eager_attention, evaluation, fingerprint, run_model, trace_model
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,14 @@ def convert(
     entries = [
         _entry(site, config, share_calls, ranges.get(site.path), groups) for site in plan.replaced
     ]
-    probe = probe_inputs if probe_inputs is not None else example_inputs(model)
     attention = _attention_record(model, plan)
     unfused = _unfuse(model, plan)
 
     # the reference: the original, with attention computed the way the conversion computes it
-    with _EagerAttention(model, enabled=bool(attention)), evaluation(model):
-        reference = run_model(model, probe)
+    probe, reference = _reference(model, plan, probe_inputs)
+    if reference is None:
+        with eager_attention(model, enabled=bool(attention)), evaluation(model):
+            reference = run_model(model, probe)
 
     # every swap and route
     new_modules = apply_entries(model, entries, attention_functions=plan.attention_functions)
@@ -172,12 +173,10 @@ def convert(
         calibrated = True
 
     # the check: same outputs on the probe batch, and nothing left unrouted
-    from surgery.audit import audit
+    from surgery.audit import audit_run
 
-    with evaluation(model):
-        converted = run_model(model, probe)
+    findings, converted = audit_run(model, probe)
     diff = max_abs_diff(reference, converted)
-    findings = audit(model, probe)
     fit_errors = [
         m.fit_max_error
         for m in _flat_modules(new_modules)
@@ -213,6 +212,24 @@ def convert(
         report.seconds,
     )
     return report
+
+
+def _reference(model: nn.Module, plan: Plan, probe_inputs: Any) -> tuple[Any, Any]:
+    """The probe, and the plan's output on it when still valid for this conversion.
+
+    The plan ran every attention unfused and eagerly; that is the reference only when no softmax
+    site is kept (a kept one runs fused again) and the weights have not changed since.
+    """
+    if probe_inputs is not None and probe_inputs is not plan.probe:
+        return probe_inputs, None
+    if plan.probe is None:
+        return example_inputs(model), None
+    reusable = (
+        plan.reference is not None
+        and plan.model_fingerprint == fingerprint(model)
+        and all(site.replace for site in plan.sites if is_softmax_site(site))
+    )
+    return plan.probe, plan.reference if reusable else None
 
 
 def _count_parameters(model: nn.Module) -> int:
@@ -364,24 +381,6 @@ def _unfuse(model: nn.Module, plan: Plan) -> list[str]:
             setattr(owner, "fused_attn", False)  # noqa: B010 (nn.Module types it as Tensor)
             paths.append(site.owner)
     return sorted(set(paths))
-
-
-class _EagerAttention:
-    """Run a transformers model with eager attention for the duration."""
-
-    def __init__(self, model: nn.Module, enabled: bool) -> None:
-        self.model: Any = model
-        self.enabled = enabled and is_transformers_model(model)
-        self.previous: str | None = None
-
-    def __enter__(self) -> None:
-        if self.enabled:
-            self.previous = self.model.config._attn_implementation
-            self.model.set_attn_implementation("eager")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled and self.previous:
-            self.model.set_attn_implementation(self.previous)
 
 
 def _replace_module(model: nn.Module, path: str, new: nn.Module) -> nn.Module:

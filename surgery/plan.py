@@ -31,7 +31,14 @@ from surgery.registry import (
     is_head_path,
     module_kind,
 )
-from surgery.trace import ModuleRecord, Trace, call_site_path, is_gmnm_module, trace_model
+from surgery.trace import (
+    ModuleRecord,
+    Trace,
+    call_site_path,
+    fingerprint,
+    is_gmnm_module,
+    trace_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,11 @@ class Plan:
     model_class: str = ""
     # attention layers routed through the transformers registry -> their family's eager function
     attention_functions: dict[str, Any] = field(default_factory=dict, repr=False)
+    # the probe and what the model returned on it while planning (attention unfused and eager,
+    # as the conversion computes it), so that convert need not run the original again
+    probe: Any = field(default=None, repr=False)
+    reference: Any = field(default=None, repr=False)
+    model_fingerprint: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
     @property
     def replaced(self) -> list[Site]:
@@ -197,6 +209,9 @@ def plan(
         config=config,
         model_class=type(model).__name__,
         attention_functions=dict(trace.attention_functions),
+        probe=inputs,
+        reference=trace.output,
+        model_fingerprint=fingerprint(model),
     )
     logger.info(
         "plan for %s: %d sites, %d to replace",

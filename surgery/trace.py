@@ -68,6 +68,7 @@ class Trace:
     # owner path -> op families that other model modules emitted while the owner was running
     nested: dict[str, set[str]] = field(default_factory=dict)
     called: set[str] = field(default_factory=set)
+    output: Any = None  # what the model returned
     # site path -> (smallest, largest) finite input value, when the trace records ranges
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -200,10 +201,11 @@ def _module_hooks(tracer: _Tracer) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _capture_attention_registry(tracer: _Tracer) -> Iterator[None]:
-    """Run every registry attention layer through its family's eager function, and record it.
+    """Record which eager function every registry attention layer runs.
 
-    The default a layer passes to `get_interface` is its own eager attention; running it instead
-    of SDPA lets the trace see the softmax inside, and tells the router which function to run.
+    The default a layer passes to `get_interface` is its family's eager attention: the function
+    the GMNM attention function runs. (The model runs with eager attention meanwhile, so that the
+    masks are the eager ones too.)
     """
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -227,6 +229,23 @@ def _capture_attention_registry(tracer: _Tracer) -> Iterator[None]:
         yield
     finally:
         del ALL_ATTENTION_FUNCTIONS.get_interface
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run a transformers model with eager attention (and eager masks) for the duration."""
+    config: Any = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    switch = (
+        enabled and previous not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    )
+    if switch:
+        model.set_attn_implementation("eager")  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)  # type: ignore[operator]
 
 
 @contextlib.contextmanager
@@ -279,9 +298,16 @@ def trace_model(
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation(model))
         if discover:
+            stack.enter_context(eager_attention(model))
             stack.enter_context(unfused_attention(model))
             stack.enter_context(_capture_attention_registry(tracer))
         stack.enter_context(_module_hooks(tracer))
         stack.enter_context(_Recorder(tracer))
-        run_model(model, inputs)
+        tracer.trace.output = run_model(model, inputs)
     return tracer.trace
+
+
+def fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
