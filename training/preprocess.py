@@ -68,6 +68,13 @@ def tokenizer_for(model: torch.nn.Module, processor: Any, reference: str) -> Any
             f"model {reference!r} has no tokenizer; text tasks need the tokenizer files "
             "(tokenizer.json, or vocab files) next to the model's config"
         )
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        # transformers builds a tokenizer with special tokens alone when the files are missing;
+        # every word would become the unknown token.
+        raise ModelError(
+            f"model {reference!r} has no tokenizer vocabulary (only special tokens); text tasks "
+            "need the tokenizer files (tokenizer.json, or vocab files) next to the model's config"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(
