@@ -118,6 +118,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 3.5))
     axis.barh(names, plans, label="plan")
     axis.barh(names, converts, left=plans, label="convert (incl. audit)")
+    forwards = [results[n]["forward_seconds"] for n in names]
+    axis.scatter(forwards, names, color="black", marker="|", s=400, zorder=3, label="one forward")
     axis.axvline(TARGET_SECONDS, color="black", linestyle="--", label="target")
     axis.set_xlabel("seconds (CPU, median)")
     axis.invert_yaxis()
