@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 from accuracy_lib import experiments, report
-from accuracy_lib.protocol import VariantResult, run_variant, summarise
+from accuracy_lib.protocol import (
+    VariantResult,
+    interleaved_step_times,
+    run_variant,
+    summarise,
+)
 
 import gmnm
 from gmnm import backends
@@ -70,6 +75,17 @@ def run_training_group(name: str, quick: bool) -> dict[str, Any]:
         results: dict[str, VariantResult] = {}
         for variant in experiment.variants:
             results[variant.name] = run_variant(task, variant, experiment.budget, log)
+        step_times = interleaved_step_times(
+            task,
+            experiment.variants,
+            experiment.budget,
+            rounds=2 if quick else 7,
+            steps=3 if quick else 10,
+        )
+        log(
+            "  seconds per step, interleaved: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in step_times.items())
+        )
         out[experiment.name] = {
             "title": experiment.title,
             "metric": task.metric,
@@ -78,7 +94,7 @@ def run_training_group(name: str, quick: bool) -> dict[str, Any]:
             "budget": experiment.budget.to_dict(),
             "figure": experiment.figure,
             "panels": experiment.panels,
-            "variants": summarise(task, results),
+            "variants": summarise(task, results, step_times),
             "wall_seconds": time.perf_counter() - start,
         }
     return out

@@ -54,7 +54,7 @@ def _budget(
     if quick:
         middle = grid[len(grid) // 2]
         short = quick_steps or max(steps // 10, 20)
-        return Budget(short, batch, (middle,), SEEDS[:1], eval_points=5)
+        return Budget(short, batch, (middle,), SEEDS[:1], eval_points=min(5, eval_points))
     return Budget(steps, batch, grid, SEEDS, eval_points=eval_points)
 
 
@@ -154,7 +154,7 @@ def digits(quick: bool) -> Experiment:
         "scikit-learn digits (8x8, 1,437 train / 360 test)",
         tasks.digits_task(),
         variants,
-        _budget(quick, 1000, 64, (1e-3, 3e-3, 1e-2), eval_points=20),
+        _budget(quick, 1000, 64, (3e-3, 1e-2, 3e-2), eval_points=20),
         [("CNNs", [v.name for v in variants])],
         "accuracy_digits.png",
     )
@@ -218,7 +218,7 @@ def charlm(quick: bool) -> Experiment:
         ),
     ]
     # The most expensive experiment by far, hence two learning rates instead of three.
-    budget = _budget(quick, 500, 16, (1e-3, 3e-3), eval_points=10, quick_steps=20)
+    budget = _budget(quick, 500, 16, (1e-3, 3e-3), eval_points=2 if quick else 10, quick_steps=20)
     return Experiment(
         "charlm",
         "character language model on Python standard-library source",

@@ -194,6 +194,33 @@ def run_variant(task: Task, variant: Variant, budget: Budget, log: Log) -> Varia
     return result
 
 
+def interleaved_step_times(
+    task: Task, variants: list[Variant], budget: Budget, rounds: int = 7, steps: int = 10
+) -> dict[str, float]:
+    """Median seconds per training step of each variant, measured in turns (variant A, B, C, A,
+    B, C, ...) so that load from other processes on a shared machine falls on all of them alike;
+    the wall times of the full runs, taken minutes apart, are not comparable in the same way."""
+    models = {}
+    for variant in variants:
+        torch.manual_seed(0)
+        model = variant.build()
+        models[variant.name] = (model, torch.optim.Adam(model.parameters(), lr=1e-4))
+    generator = torch.Generator().manual_seed(0)
+    batch = task.sample("train", budget.batch_size, generator)
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(rounds + 1):
+        for name, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = task.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if round_ > 0:  # the first round warms up caches and lazily built kernels
+                samples[name].append((time.perf_counter() - start) / steps)
+    return {name: float(np.median(times)) for name, times in samples.items()}
+
+
 # --- statistics ----------------------------------------------------------------------------------
 
 
@@ -228,7 +255,9 @@ def steps_to_reach(task: Task, steps: list[int], curve: np.ndarray, target: floa
     return None
 
 
-def summarise(task: Task, results: dict[str, VariantResult]) -> dict[str, Any]:
+def summarise(
+    task: Task, results: dict[str, VariantResult], step_times: dict[str, float]
+) -> dict[str, Any]:
     """The JSON of one experiment's variants: metrics, counts, curves, steps to the baseline."""
     out: dict[str, Any] = {}
     for name, result in results.items():
@@ -252,7 +281,9 @@ def summarise(task: Task, results: dict[str, VariantResult]) -> dict[str, Any]:
             "baseline_final_curve_value": _json_float(target),
             "steps_to_baseline": steps_to_reach(task, steps, mean, target) if steps else None,
             "train_seconds": mean_std(seconds),
-            "time_ratio_vs_baseline": float(np.mean(seconds)) / base_seconds,
+            "wall_ratio_vs_baseline": float(np.mean(seconds)) / base_seconds,
+            "step_seconds_interleaved": step_times[name],
+            "time_ratio_vs_baseline": step_times[name] / step_times[baseline.variant.name],
             "loss_first": [_json_float(r.loss_first) for r in result.runs],
             "loss_last": [_json_float(r.loss_last) for r in result.runs],
             "diverged_runs": sum(r.diverged for r in result.runs),

@@ -60,7 +60,7 @@ def experiment_table(experiment: dict[str, Any]) -> str:
     metric = experiment["metric"]
     rows = [
         f"| variant | parameters | lr | test {metric} (mean ± std) | steps to baseline's final "
-        "| train time per run | time vs baseline |",
+        "| train time per run | time per step vs baseline |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, entry in experiment["variants"].items():
