@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def plan(
 
     task_model = getattr(model, "base_model", model) is not model
     sites = _module_sites(model, trace) + _call_sites(trace, task_model)
+    sites += _unreached_attention(model, trace)
     for site in sites:
         _decide(site, targets, include_list, exclude_list)
         site.params = _parameter_count(site, config)
@@ -304,6 +306,38 @@ def _call_sites(trace: Trace, task_model: bool) -> list[Site]:
         elif kind == ACTIVATION and (is_head_path(owner) or (not owner and task_model)):
             site.kind = HEAD
         sites.append(site)
+    return sites
+
+
+def _runs_attention(module: nn.Module) -> bool:
+    """An attention layer whose softmax only shows when it runs: timm's (it has a fused_attn
+    switch) or a transformers layer that calls the attention registry."""
+    if isinstance(getattr(module, "fused_attn", None), bool):
+        return True
+    forward = inspect.unwrap(type(module).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def _unreached_attention(model: nn.Module, trace: Trace) -> list[Site]:
+    """Attention layers the probe did not run (a decoder's cross-attention, say), listed so that
+    they are not skipped silently."""
+    sites = []
+    for path, module in model.named_modules():
+        if path and path not in trace.called and _runs_attention(module):
+            sites.append(
+                Site(
+                    path=call_site_path(path, "softmax", 0),
+                    kind=SOFTMAX,
+                    implementation=f"attention of {type(module).__name__}",
+                    replace=False,
+                    reason="not reached by the probe inputs, so its softmax could not be traced; "
+                    "pass probe_inputs that run it",
+                    route=ROUTE_FORWARD,
+                    owner=path,
+                    op="softmax",
+                )
+            )
     return sites
 
 

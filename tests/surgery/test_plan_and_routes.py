@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -318,3 +319,31 @@ def test_fit_init_reports_its_error_and_stays_close_to_the_original() -> None:
     assert report.fit_max_error is not None and report.fit_max_error < 0.05
     assert 0 < report.max_abs_diff < 0.1
     assert any("residual form" in note for note in report.notes)
+
+
+def test_attention_layers_the_probe_does_not_reach_are_listed_not_skipped() -> None:
+    model = tiny_transformers("bert", is_decoder=True, add_cross_attention=True)
+    site = next(
+        s for s in surgery.plan(model).sites if s.owner == "encoder.layer.0.crossattention.self"
+    )
+    assert not site.replace and "not reached by the probe" in (site.reason or "")
+
+    # with encoder states in the probe, the cross-attention is traced and converted too
+    encoder_states = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    inputs = {**surgery.example_inputs(model), "encoder_hidden_states": encoder_states}
+    plan = surgery.plan(model, probe_inputs=inputs)
+    assert all(s.replace for s in plan.sites if s.kind == "softmax")
+    report = surgery.convert(model, plan)
+    assert report.max_abs_diff == 0.0 and report.audit == []
+
+
+def test_a_deep_copy_of_a_converted_model_routes_to_its_own_modules() -> None:
+    model = tiny_transformers("deberta-v2")  # its softmax is routed inside the layer's forward
+    surgery.convert(model, surgery.plan(model))
+    inputs = surgery.example_inputs(model)
+    before = _outputs(model, inputs)
+    twin = copy.deepcopy(model)
+    _perturb(twin)
+    assert max_abs_diff(before, _outputs(model, inputs)) == 0.0
+    assert max_abs_diff(before, _outputs(twin, inputs)) > 0
+    assert surgery.audit(twin, inputs) == []
