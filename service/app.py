@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, *, run_supervisor: bool | None 
     )
     app.state.context = context
     install_error_handlers(app)
-    app.middleware("http")(context.metrics.middleware)
+    app.add_middleware(context.metrics.middleware)
     app.add_middleware(UploadLimit, limit=settings.max_upload_bytes)
     for router in (
         files.router,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import JOB_STATUSES, QUEUED, Database, Job
 
@@ -54,18 +53,33 @@ class ServiceMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def middleware(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        self.latency.labels(
-            request.method, _route_template(request), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """Times every HTTP request (a plain ASGI wrapper: no extra task per request)."""
+
+        async def timed(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            started = time.perf_counter()
+            status = 500
+
+            async def send_and_note(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await app(scope, receive, send_and_note)
+            finally:
+                self.latency.labels(
+                    scope.get("method", ""), _route_template(scope), str(status)
+                ).observe(time.perf_counter() - started)
+
+        return timed
 
 
-def _route_template(request: Request) -> str:
+def _route_template(scope: Scope) -> str:
     # Label by template, never by the raw path, so ids do not explode the label set.
-    route: Any = request.scope.get("route")
+    route: Any = scope.get("route")
     return str(getattr(route, "path", None) or "unmatched")

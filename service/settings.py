@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         default=None, ge=1, description="jobs running at once; default: one per device"
     )
     executor: Literal["local"] = "local"
+    job_niceness: int = Field(
+        default=10, ge=0, le=19, description="CPU priority of job processes below the API's"
+    )
     job_commands: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "fine_tune": ["gmnm-train"],

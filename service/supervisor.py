@@ -132,7 +132,7 @@ class Supervisor:
         self.settings = settings
         self.db = database
         self.layout = Layout(settings.data_dir)
-        self.executor = executor or make_executor(settings.executor)
+        self.executor = executor or make_executor(settings.executor, settings.job_niceness)
         self.worker_id = worker_id or make_worker_id()
         self.hostname = socket.gethostname()
         self.running: dict[str, Running] = {}

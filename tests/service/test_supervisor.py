@@ -58,6 +58,9 @@ def test_cancel_running_job_ends_cancelled_with_a_checkpoint_and_no_process_left
     with parent.read() as session:
         pid = session.get(Job, job_id).pid
 
+    # Jobs run below the API's CPU priority, their children too.
+    assert os.getpriority(os.PRIO_PROCESS, child) == os.getpriority(os.PRIO_PROCESS, 0) + 10
+
     started = time.monotonic()
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelling"
     done = wait_for(lambda: get(client, job_id), lambda job: job["status"] == "cancelled")
