@@ -155,38 +155,21 @@ def convert(
         model.set_attn_implementation(GMNM_ATTENTION)  # type: ignore[operator]
     for entry, module in zip(entries, new_modules, strict=True):
         entry["config"] = _module_config(module).to_dict()
-    setattr(
-        model,
-        STATE_ATTR,
-        {
-            "sites": entries,
-            "kept": [site.to_dict() for site in plan.sites if not site.replace],
-            "attention": attention,
-            "unfused": unfused,
-            "targets": list(plan.targets),
-        },
-    )
-
-    calibrated = False
+    kept = [site.to_dict() for site in plan.sites if not site.replace]
+    state = {"sites": entries, "kept": kept, "attention": attention, "unfused": unfused}
+    setattr(model, STATE_ATTR, {**state, "targets": list(plan.targets)})
     if calibration_inputs is not None:
         calibrate(model, calibration_inputs)
-        calibrated = True
 
     # the check: same outputs on the probe batch, and nothing left unrouted
     from surgery.audit import audit_run
 
     findings, converted = audit_run(model, probe)
-    diff = max_abs_diff(reference, converted)
-    fit_errors = [
-        m.fit_max_error
-        for m in _flat_modules(new_modules)
-        if isinstance(m, GMNMActivation) and m.fit_max_error is not None
-    ]
     report = Report(
         sites_replaced=dict(Counter(site.kind for site in plan.replaced)),
         sites_kept=dict(Counter(site.kind for site in plan.sites if not site.replace)),
         params_added=_count_parameters(model),
-        max_abs_diff=diff,
+        max_abs_diff=max_abs_diff(reference, converted),
         audit=[finding.to_dict() for finding in findings],
         seconds=time.perf_counter() - start,
         reference="original model, attention unfused and eager"
@@ -194,8 +177,8 @@ def convert(
         else "original model",
         init=config.init,
         num_components=config.num_components,
-        fit_max_error=max(fit_errors) if fit_errors else None,
-        calibrated=calibrated,
+        fit_max_error=_fit_error(new_modules),
+        calibrated=calibration_inputs is not None,
     )
     if config.init != "residual" and any(is_softmax_site(s) for s in plan.replaced):
         report.notes.append(
@@ -207,11 +190,22 @@ def convert(
         type(model).__name__,
         report.sites_replaced,
         report.params_added,
-        diff,
+        report.max_abs_diff,
         len(findings),
         report.seconds,
     )
     return report
+
+
+def _fit_error(modules: list[nn.Module]) -> float | None:
+    """The largest fit error of the fitted activations (None when nothing was fitted)."""
+    errors = [
+        m.fit_max_error
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, GMNMActivation) and m.fit_max_error is not None
+    ]
+    return max(errors) if errors else None
 
 
 def _reference(model: nn.Module, plan: Plan, probe_inputs: Any) -> tuple[Any, Any]:
@@ -235,11 +229,6 @@ def _reference(model: nn.Module, plan: Plan, probe_inputs: Any) -> tuple[Any, An
 def _count_parameters(model: nn.Module) -> int:
     named = dict(model.named_parameters())
     return sum(named[name].numel() for name in gmnm_parameter_names(model) if name in named)
-
-
-def _flat_modules(modules: list[nn.Module]) -> Iterator[nn.Module]:
-    for module in modules:
-        yield from module.modules()
 
 
 def _module_config(module: nn.Module) -> GMNMConfig:

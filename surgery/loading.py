@@ -282,6 +282,11 @@ def _load_timm(
                 f"{ref} has no model.safetensors; only safetensors weights are loaded (convert "
                 "the checkpoint, or load with pretrained=False)"
             )
+    elif revision is not None and not ref.startswith("hf-hub:"):
+        raise UnsupportedModelError(
+            f"timm registry name {ref!r} loads the weights timm pins for it; to choose a "
+            "revision, give the repository as 'hf-hub:org/name'"
+        )
     elif pretrained:
         hub_id = ref.removeprefix("hf-hub:") if ref.startswith("hf-hub:") else None
         if hub_id is None:
@@ -293,6 +298,8 @@ def _load_timm(
                 "are only loaded from safetensors files there; use pretrained=False"
             )
         resolved_revision = revision_of(hub_file(hub_id, "model.safetensors", revision))
+        if ref.startswith("hf-hub:") and revision is not None:
+            name = f"{ref}@{revision}"  # timm's own syntax for a hub revision
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as error:

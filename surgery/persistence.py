@@ -238,12 +238,12 @@ def load_saved(
         num_labels is not None and num_labels != manifest.get("num_labels")
     )
     if manifest["library"] == "transformers":
-        model, head = _load_transformers_base(directory, manifest, task, num_labels, changed)
+        model = _load_transformers_base(directory, manifest, task, num_labels, changed)
     else:
-        model, head = _load_timm_base(directory, manifest, num_labels, changed)
+        model = _load_timm_base(directory, manifest, num_labels, changed)
 
     # re-apply the conversion, then its parameters, strictly
-    entries = _entries_for(model, manifest, head)
+    entries = _entries_for(model, manifest)
     _apply_manifest(model, manifest, entries)
     _load_gmnm_weights(model, directory, manifest, entries)
 
@@ -297,7 +297,7 @@ def _load_transformers_base(
     task: str | None,
     num_labels: int | None,
     changed: bool,
-) -> tuple[nn.Module, str | None]:
+) -> nn.Module:
     import transformers
     from transformers import AutoConfig, PreTrainedModel
 
@@ -322,13 +322,13 @@ def _load_transformers_base(
             output_loading_info=True,
             ignore_mismatched_sizes=changed,
         )
-    head = _check_transformers_load(model, manifest, info, changed, directory)
-    return model, head
+    _check_transformers_load(model, manifest, info, changed, directory)
+    return model
 
 
 def _check_transformers_load(
     model: nn.Module, manifest: dict[str, Any], info: dict[str, Any], changed: bool, directory: Path
-) -> str | None:
+) -> None:
     """Strict loading: only the marker may be unexpected, and only the head may be new."""
     prefix = getattr(model, "base_model_prefix", "")
     is_task_model = getattr(model, "base_model", model) is not model
@@ -358,12 +358,11 @@ def _check_transformers_load(
             f"{bad_new[:5]}, unexpected {bad_unexpected[:5]}; the directory is incomplete or was "
             "edited after surgery.save"
         )
-    return "changed" if changed else None
 
 
 def _load_timm_base(
     directory: Path, manifest: dict[str, Any], num_labels: int | None, changed: bool
-) -> tuple[nn.Module, str | None]:
+) -> nn.Module:
     import timm
 
     if not (directory / BASE_WEIGHTS).is_file():
@@ -394,7 +393,7 @@ def _load_timm_base(
             manifest["model_class"],
             len(head_keys),
         )
-    return model, "changed" if changed else None
+    return model
 
 
 def _map_path(path: str, manifest: dict[str, Any], model: nn.Module) -> str | None:
@@ -413,9 +412,7 @@ def _map_path(path: str, manifest: dict[str, Any], model: nn.Module) -> str | No
     return inner
 
 
-def _entries_for(
-    model: nn.Module, manifest: dict[str, Any], head: str | None
-) -> list[dict[str, Any]]:
+def _entries_for(model: nn.Module, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest's entries with paths as they are in `model` (sites in a dropped head go)."""
     entries = []
     for entry in manifest["sites"]:

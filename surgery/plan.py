@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from gmnm import GMNMConfig
-from surgery.errors import ConversionError
+from surgery.errors import ConversionError, UnsupportedModelError
 from surgery.registry import (
     ACTIVATION,
     GATE,
@@ -195,7 +195,14 @@ def plan(
 
     # one forward pass shows which calls happen where
     inputs = probe_inputs if probe_inputs is not None else example_inputs(model)
-    trace = trace_model(model, inputs, discover=True)
+    try:
+        trace = trace_model(model, inputs, discover=True)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as error:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} failed on the probe inputs ({type(error).__name__}: "
+            f"{error}); pass probe_inputs the model accepts (a tensor, a tuple of arguments or a "
+            "dict of keyword arguments)"
+        ) from error
 
     task_model = getattr(model, "base_model", model) is not model
     sites = _module_sites(model, trace) + _call_sites(trace, task_model)

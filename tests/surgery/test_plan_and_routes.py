@@ -347,3 +347,10 @@ def test_a_deep_copy_of_a_converted_model_routes_to_its_own_modules() -> None:
     assert max_abs_diff(before, _outputs(model, inputs)) == 0.0
     assert max_abs_diff(before, _outputs(twin, inputs)) > 0
     assert surgery.audit(twin, inputs) == []
+
+
+def test_a_probe_the_model_cannot_take_is_refused_with_a_hint() -> None:
+    with pytest.raises(surgery.UnsupportedModelError, match="pass probe_inputs"):
+        surgery.plan(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), probe_inputs=torch.randn(2, 5))
+    with pytest.raises(surgery.UnsupportedModelError, match="neither a transformers nor a timm"):
+        surgery.plan(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
