@@ -20,9 +20,16 @@ from training import distributed
 from training.checkpoint import write_json_atomic
 from training.data import Examples
 from training.events import EventLog
-from training.finetune import JobResult
+from training.finetune import JobResult, calibration_batch
 from training.metrics import evaluate, to_device
-from training.models import check_head, forward, load_job_model, parameter_counts, saved_classes
+from training.models import (
+    check_head,
+    convert_job_model,
+    forward,
+    load_job_model,
+    parameter_counts,
+    saved_classes,
+)
 from training.preprocess import Preprocessor
 from training.protocol import METRICS_FILE, RESULT_FILE
 from training.runtime import (
@@ -157,6 +164,9 @@ def _evaluate_one(
         model, job.library, task, job.processor, job.data_config, reference, spec.data.max_length
     )
     dataset = pre.dataset(examples, classes)
+    if conversion is not None and conversion.calibrate and not job.converted:
+        convert_job_model(job, conversion, calibration_batch(dataset, pre, ctx))
+        model = job.model.to(ctx.device).eval()
     first = pre.collate([dataset[i] for i in range(min(2, len(dataset)))])
     with torch.no_grad():
         check_head(job, forward(model, job.library, to_device(first, ctx.device)))

@@ -38,6 +38,7 @@ from training.metrics import Batch, evaluate, to_device
 from training.models import (
     JobModel,
     check_head,
+    convert_job_model,
     forward,
     gmnm_parameter_names,
     load_job_model,
@@ -309,14 +310,7 @@ def _fine_tune(
         trust_remote_code=spec.trust_remote_code,
         conversion=None if start else spec.conversion,
     )
-    if job.report is not None:
-        events.message(_conversion_summary(job.report))
-    conversion_report = job.report or (start.info.get("conversion") if start else None)
     model = job.model.to(ctx.device)
-    counts = parameter_counts(model)
-    events.message(
-        f"model: {counts['parameters']:,} parameters, {counts['gmnm_parameters']:,} of them GMNM"
-    )
 
     # preprocess with the model's own tokenizer or image pipeline
     pre = Preprocessor(
@@ -325,6 +319,19 @@ def _fine_tune(
     train_set = pre.dataset(splits.train, splits.classes)
     valid_set = pre.dataset(splits.validation, splits.classes) if splits.validation else None
     per_rank = hp.batch_size // ctx.world_size
+
+    # a calibrated conversion waits for a batch of the data; then report it and check the head
+    if start is None and spec.conversion is not None and spec.conversion.calibrate:
+        if not job.converted:
+            convert_job_model(job, spec.conversion, calibration_batch(train_set, pre, ctx))
+        model = job.model.to(ctx.device)
+    if job.report is not None:
+        events.message(_conversion_summary(job.report))
+    conversion_report = job.report or (start.info.get("conversion") if start else None)
+    counts = parameter_counts(model)
+    events.message(
+        f"model: {counts['parameters']:,} parameters, {counts['gmnm_parameters']:,} of them GMNM"
+    )
     _check_outputs(job, model, train_set, pre, per_rank, ctx)
     events.message(
         f"data: {len(train_set)} training {_unit(task)}, "
@@ -589,6 +596,16 @@ def _loader_workers(ctx: distributed.DistContext) -> int:
 
 def _unit(task: str) -> str:
     return "blocks" if task == "causal-lm" else "examples"
+
+
+def calibration_batch(
+    dataset: ExampleDataset, pre: Preprocessor, ctx: distributed.DistContext, size: int = 32
+) -> Batch:
+    """The first examples of a split as one batch on the device: the same on every rank, so that
+    every rank's calibrated modules start equal."""
+    items = [dataset[i] for i in range(min(size, len(dataset)))]
+    batch = to_device(pre.collate(items), ctx.device)
+    return {key: value for key, value in batch.items() if key != "labels"}
 
 
 def _check_outputs(

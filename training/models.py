@@ -69,7 +69,11 @@ def load_job_model(
     trust_remote_code: bool = False,
     conversion: ConversionSpec | None = None,
 ) -> JobModel:
-    """Load the model for `task` (the head sized to `classes`), converting it when asked."""
+    """Load the model for `task` (the head sized to `classes`), converting it when asked.
+
+    A conversion with `calibrate` is left to the caller, which has the data for it
+    (`convert_job_model` with a batch).
+    """
     loaded = surgery.load_model(
         reference,
         pretrained=pretrained,
@@ -90,22 +94,38 @@ def load_job_model(
     )
     if classes is not None:
         set_class_names(job.model, job.classes or [])
-    if conversion is not None and not job.converted:
+    if conversion is not None and conversion.calibrate:
+        pass  # the caller converts once it has a batch of data: see convert_job_model
+    elif conversion is not None and not job.converted:
         convert_job_model(job, conversion)
     elif conversion is not None:
         logger.info("model %s is already converted; the conversion settings are ignored", reference)
     return job
 
 
-def convert_job_model(job: JobModel, conversion: ConversionSpec) -> None:
-    """Plan and convert in place; the plan and report are kept on the job for result.json."""
+def convert_job_model(
+    job: JobModel, conversion: ConversionSpec, calibration_batch: dict[str, Tensor] | None = None
+) -> None:
+    """Plan and convert in place; the plan and report are kept on the job for result.json.
+
+    `calibration_batch` (a batch of the job's data) centres the components on real values.
+    """
     plan = surgery.plan(
         job.model,
         targets=tuple(conversion.targets),
         include=conversion.include,
         exclude=conversion.exclude,
     )
-    report = surgery.convert(job.model, plan, conversion.gmnm.to_config())
+    report = surgery.convert(
+        job.model,
+        plan,
+        conversion.gmnm.to_config(),
+        groups=conversion.groups,
+        share_calls=conversion.share_calls,
+        calibration_inputs=model_inputs(job.library, calibration_batch)
+        if calibration_batch is not None
+        else None,
+    )
     job.plan = plan.to_dict()
     job.report = report.to_dict()
     job.converted = True
@@ -119,11 +139,17 @@ def set_class_names(model: nn.Module, classes: Sequence[str]) -> None:
         config.label2id = {name: i for i, name in enumerate(classes)}
 
 
+def model_inputs(library: str, batch: dict[str, Tensor]) -> Any:
+    """What the model is called with: the image tensor for timm, keyword arguments otherwise."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return inputs["pixel_values"] if library == "timm" else inputs
+
+
 def forward(model: nn.Module, library: str, batch: dict[str, Tensor]) -> Tensor:
     """The logits of a batch: (B, classes) for classification, (B, T, vocab) for causal LM."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = model_inputs(library, batch)
     if library == "timm":
-        return model(inputs["pixel_values"])
+        return model(inputs)
     output = model(**inputs)
     logits = output.logits if hasattr(output, "logits") else output[0]
     return logits

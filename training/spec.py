@@ -131,6 +131,27 @@ class ConversionSpec(_Strict):
         default=None, description="Skip sites whose module path matches one of these patterns."
     )
     gmnm: GMNMSettings = GMNMSettings()
+    groups: int | Literal["channel"] = Field(
+        default=1,
+        description="Parameter sets per activation site along its channel (last) dimension: 1 "
+        "(one per layer), a number dividing every site's channels, or 'channel'.",
+    )
+    share_calls: bool = Field(
+        default=False,
+        description="One parameter set for an activation module its caller calls several times.",
+    )
+    calibrate: bool = Field(
+        default=False,
+        description="Centre each module's components on the values it sees on one batch of the "
+        "job's data (fine-tunes and evaluations).",
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _positive_groups(cls, groups: int | str) -> int | str:
+        if isinstance(groups, int) and groups < 1:
+            raise ValueError(f"must be a positive integer or 'channel', got {groups}")
+        return groups
 
     @field_validator("targets")
     @classmethod
@@ -477,6 +498,16 @@ class ConvertSpec(_ModelJob):
     )
     conversion: ConversionSpec = ConversionSpec()
     dry_run: bool = False
+
+    @field_validator("conversion")
+    @classmethod
+    def _no_calibration_data(cls, conversion: ConversionSpec) -> ConversionSpec:
+        if conversion.calibrate:
+            raise ValueError(
+                "calibrate needs the job's data, which a conversion job has none of; set it in "
+                "the fine-tune or evaluation spec instead"
+            )
+        return conversion
 
 
 SpecT = TypeVar("SpecT", FineTuneSpec, EvaluateSpec, ConvertSpec)

@@ -69,6 +69,7 @@ def _wait_for_step(out: Path, above: int, process: subprocess.Popen, timeout: fl
     raise AssertionError(f"no training step above {above} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_invalid_spec_exits_2_with_every_problem_in_error_json(tmp_path: Path) -> None:
     bad = {
         "model": "m",
@@ -85,6 +86,7 @@ def test_invalid_spec_exits_2_with_every_problem_in_error_json(tmp_path: Path) -
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_bad_data_exits_2_naming_the_line(tmp_path: Path, tiny_bert: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "good", "label": "pos"}\n{"text": "bad" "label": "neg"}\n')
@@ -97,6 +99,7 @@ def test_bad_data_exits_2_naming_the_line(tmp_path: Path, tiny_bert: Path) -> No
     assert read_json(tmp_path / "job" / SPEC_FILE)["model"] == str(tiny_bert)
 
 
+@pytest.mark.slow
 def test_unknown_model_exits_1_with_model_not_found(tmp_path: Path) -> None:
     spec = {
         "model": "nobody/no-such-model",
@@ -109,6 +112,7 @@ def test_unknown_model_exits_1_with_model_not_found(tmp_path: Path) -> None:
     assert read_json(tmp_path / "job" / ERROR_FILE)["code"] == "model_not_found"
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_then_cancel_file(
     tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path]
 ) -> None:

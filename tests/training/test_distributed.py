@@ -69,6 +69,7 @@ def _assert_same_training(reference: Path, other: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process_and_so_does_the_builtin_launcher(
     tmp_path: Path, tiny_bert_no_dropout: Path, reviews: tuple[Path, Path]
 ) -> None:

@@ -210,3 +210,28 @@ def test_converted_pretrained_minilm_evaluates_like_the_original(
     assert result["model"]["gmnm_parameters"] > 0
     assert result["difference"]["loss"] == pytest.approx(0.0, abs=1e-5)
     assert result["difference"]["accuracy"] == 0.0
+
+
+def test_calibrated_per_channel_conversion_uses_a_batch_of_the_data(
+    tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path]
+) -> None:
+    train, valid = reviews
+    out = tmp_path / "job"
+    _fine_tune(
+        out,
+        model=str(tiny_bert),
+        conversion={
+            "targets": ["activation"],
+            "groups": "channel",
+            "calibrate": True,
+            "gmnm": {"num_components": 4, "init": "fit"},
+        },
+        data={"train": {"path": str(train)}, "validation": {"path": str(valid)}, "max_length": 16},
+        hyperparameters={"batch_size": 8, "max_steps": 2},
+    )
+    report = read_json(out / RESULT_FILE)["conversion"]
+    assert report["calibrated"] is True and report["init"] == "fit"
+    model = surgery.load(checkpoint_dirs(out)[-1])
+    state = model.state_dict()
+    pis = [name for name in surgery.gmnm_parameter_names(model) if name.endswith(".pi")]
+    assert pis and all(state[name].shape == (64, 4) for name in pis)  # intermediate_size 64

@@ -120,3 +120,10 @@ def test_spec_round_trips_through_json() -> None:
     spec = parse_spec(FineTuneSpec, _fine_tune(conversion={"gmnm": {"num_components": 4}}))
     again = parse_spec(FineTuneSpec, json.loads(spec.model_dump_json()))
     assert again == spec
+
+
+def test_conversion_job_refuses_calibration_it_has_no_data_for() -> None:
+    with pytest.raises(SpecError, match="conversion: calibrate needs the job's data"):
+        parse_spec(ConvertSpec, {"model": "m", "conversion": {"calibrate": True}})
+    with pytest.raises(SpecError, match="conversion.groups"):
+        parse_spec(ConvertSpec, {"model": "m", "conversion": {"groups": 0}})
