@@ -9,13 +9,35 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import fast_settings
+from service_helpers import DATABASE, POSTGRES_URL, fast_settings, postgres_available
 
 from service.app import create_app
+from service.db import Database, upgrade
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test on SQLite, and again on PostgreSQL where a server answers."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    if not postgres_available():
+        pytest.skip(f"no PostgreSQL answers at {POSTGRES_URL} (set GMNM_TEST_POSTGRES_URL)")
+    database = Database(POSTGRES_URL)
+    with database.engine.begin() as connection:
+        for table in ("events", "checkpoints", "jobs", "files", "workers", "alembic_version"):
+            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+    upgrade(database)
+    database.dispose()
+    DATABASE["url"] = POSTGRES_URL
+    try:
+        yield "postgresql"
+    finally:
+        DATABASE["url"] = None
 
 
 @pytest.fixture
-def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+def make_client(tmp_path: Path, backend: str) -> Iterator[Callable[..., TestClient]]:
     """Build a TestClient on a fresh data directory; the app (and supervisor) stop afterwards."""
     clients: list[TestClient] = []
 

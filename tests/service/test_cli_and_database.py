@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from service_helpers import POSTGRES_URL, postgres_available
 from sqlalchemy import create_engine, inspect
 
 from service.cli import main
 from service.db import Base, Database, upgrade
 from service.settings import Settings
-
-POSTGRES_URL = os.environ.get(
-    "GMNM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 def test_serving_on_a_public_address_without_keys_is_refused(
@@ -101,17 +98,8 @@ def test_worker_command_runs_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path) -
     assert left == 0
 
 
-def _postgres_available() -> bool:
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            return True
-    except Exception:  # any connection failure means there is no server to test against
-        return False
-
-
 @pytest.mark.skipif(
-    not _postgres_available(),
+    not postgres_available(),
     reason=f"no PostgreSQL answers at {POSTGRES_URL} (set GMNM_TEST_POSTGRES_URL)",
 )
 def test_postgres_migrations_and_claims_with_skip_locked(tmp_path: Path) -> None:

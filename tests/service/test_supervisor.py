@@ -100,7 +100,8 @@ def _database(tmp_path: Path) -> Database:
     settings = fast_settings(tmp_path / "data")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.resolved_database_url)
-    upgrade(database)
+    if database.is_sqlite:
+        upgrade(database)
     return database
 
 
