@@ -9,6 +9,7 @@ the audit share, so that all three count the same calls.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -124,7 +125,11 @@ def class_name(module: nn.Module | type) -> str:
 
 def module_kind(module: nn.Module) -> str | None:
     """The kind of an activation or softmax module, or None when it is neither."""
-    name = class_name(module)
+    return _class_kind(class_name(module))
+
+
+@functools.cache
+def _class_kind(name: str) -> str | None:
     if name in SOFTMAX_CLASSES:
         return SOFTMAX
     return ACTIVATION_CLASSES.get(name)
