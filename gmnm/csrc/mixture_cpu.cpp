@@ -12,7 +12,9 @@
 //   - G == 1: every element shares one parameter set; the data is cut into flat chunks.
 //   - inner == 1 (the dimension is the last one): rows of C channels; the parameters are
 //     expanded to one value per channel, laid out [K][C], so a block of consecutive channels
-//     reads consecutive parameters and the loops vectorise.
+//     reads consecutive parameters and the loops vectorise. The backward cuts the work into
+//     tiles of kTileRows rows by kBlock channels, so that a tile's parameters and partial sums
+//     stay in the L1 cache while its rows stream through.
 //   - otherwise: runs of `inner` elements that all belong to one channel, hence one group.
 //
 // The exported functions use a C ABI and raw pointers; the Python side (gmnm/cpu_kernel.py)
@@ -37,7 +39,7 @@ constexpr int64_t kChunk = 16384;
 // Float partial sums are moved into double totals this often (in blocks, or rows of C), which
 // keeps the gradient reductions accurate over tens of millions of elements.
 constexpr int64_t kFlushBlocks = 256;
-constexpr int64_t kFlushRows = 64;
+constexpr int64_t kTileRows = 256;
 
 enum Mode : int { kWrite = 0, kAccumulate = 1, kLinear = 2 };
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
@@ -77,35 +79,44 @@ struct Store<BFloat16> {
   }
 };
 
+// The kernels work with u = z * kU instead of z, so that exp(-z^2 / 2) = 2^(-u^2): one fused
+// multiply-add gives both the integer and the fractional part of the exponent. Sums that
+// depend on z are converted back once per group at the end, the input gradient once per element.
 template <typename T>
-constexpr T kZClamp = T(30);
+constexpr T kU = T(0.84932180028801904272);  // sqrt(log2(e) / 2)
+template <typename T>
+constexpr T kUClamp = T(30) * kU<T>;  // |z| <= 30, as in the reference
 
-// exp(t) for t <= 0, written so that the compiler vectorises it (std::exp does not vectorise
-// without -ffast-math, which would also break NaN handling). Cody-Waite range reduction and a
-// degree-6 polynomial: relative error about 2 ulp, and exactly 0 where float underflows.
-inline float exp_nonpositive(float t) {
-  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = t - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  const uint32_t bits = static_cast<uint32_t>(e < 1 ? 1 : e) << 23;
+// 2^(-u^2), written so that the compiler vectorises it (std::exp does not vectorise without
+// -ffast-math, which would also break NaN handling): the exponent splits into an integer n
+// and r in [-1/2, 1/2]; a degree-6 polynomial gives 2^r to about 1 ulp and n goes into the
+// exponent bits. Exactly 0 where the result would leave the normal float range.
+inline float exp2_of_negative_square(float u) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = std::fma(-u, u, kRound);
+  const float n = shifted - kRound;
+  const float r = std::fma(-u, u, -n);
+  float p = 1.5403530393381606e-4f;  // ln(2)^k / k!, k = 6 .. 0
+  p = std::fma(p, r, 1.3333558146428443e-3f);
+  p = std::fma(p, r, 9.6181291076284772e-3f);
+  p = std::fma(p, r, 5.5504108664821580e-2f);
+  p = std::fma(p, r, 2.4022650695910071e-1f);
+  p = std::fma(p, r, 6.9314718055994531e-1f);
+  p = std::fma(p, r, 1.0f);
+  // the low bits of `shifted` hold n; 2^n is (n + 127) << 23 as a float's bits
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B3FFF81u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return t < -87.0f ? 0.0f : y * scale;
+  return n < -126.0f ? 0.0f : p * scale;
 }
 
-inline double exp_nonpositive(double t) { return std::exp(t); }
+inline double exp2_of_negative_square(double u) { return std::exp2(-u * u); }
 
 template <typename T>
-inline T clamp_z(T z) {
-  return std::min(std::max(z, -kZClamp<T>), kZClamp<T>);
+inline T clamp_u(T u) {
+  return std::min(std::max(u, -kUClamp<T>), kUClamp<T>);
 }
 
 // Parameters of one call in the compute type: per group [G][K], and, for the row layout, the
@@ -134,7 +145,7 @@ struct ChannelTables {
       for (int64_t k = 0; k < K; ++k) {
         pi[k * C + ch] = p.pi[g * K + k];
         mu[k * C + ch] = p.mu[g * K + k];
-        scale[k * C + ch] = p.scale[g * K + k];
+        scale[k * C + ch] = p.scale[g * K + k] * kU<T>;
       }
     }
     // the backward reads only a
@@ -168,10 +179,11 @@ inline void forward_block(const S* x, S* out, int64_t m, int64_t K, const T* pi,
   }
   for (int64_t k = 0; k < K; ++k) {
     if constexpr (step == 0) {
-      const T p = pi[k], mean = mu[k], s = scale[k];
+      const T p = pi[k], mean = mu[k], s = scale[k] * kU<T>;
+#pragma omp simd
       for (int64_t j = 0; j < m; ++j) {
-        const T z = clamp_z((xb[j] - mean) * s);
-        acc[j] += p * exp_nonpositive(T(-0.5) * z * z);
+        const T u = clamp_u((xb[j] - mean) * s);
+        acc[j] += p * exp2_of_negative_square(u);
       }
     } else {
       const T* pk = pi + k * kstride;
@@ -179,8 +191,8 @@ inline void forward_block(const S* x, S* out, int64_t m, int64_t K, const T* pi,
       const T* sk = scale + k * kstride;
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) {
-        const T z = clamp_z((xb[j] - mk[j]) * sk[j]);
-        acc[j] += pk[j] * exp_nonpositive(T(-0.5) * z * z);
+        const T u = clamp_u((xb[j] - mk[j]) * sk[j]);
+        acc[j] += pk[j] * exp2_of_negative_square(u);
       }
     }
   }
@@ -216,6 +228,7 @@ void forward(const S* x, S* out, int64_t n, int64_t C, int64_t inner, int64_t G,
                            p.c);
     }
   } else if (inner == 1) {
+    // whole rows: the forward keeps no partial sums, and contiguous rows stream best
     const ChannelTables<T> t(p, C, G);
     const T* a = mode == kLinear ? t.a.data() : nullptr;
     const T* c = mode == kLinear ? t.c.data() : nullptr;
@@ -267,17 +280,17 @@ inline void backward_block(const S* x, const S* g, S* dx, int64_t m, int64_t K, 
     T* lb = lanes + (K + k) * lane_stride;
     T* lc = lanes + (2 * K + k) * lane_stride;
     if constexpr (step == 0) {
-      const T mean = mu[k], s = scale[k], w = pi[k] * scale[k];
+      const T mean = mu[k], s = scale[k] * kU<T>, w = pi[k] * s;
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) {
-        const T z = clamp_z((xb[j] - mean) * s);
-        const T e = exp_nonpositive(T(-0.5) * z * z);
+        const T u = clamp_u((xb[j] - mean) * s);
+        const T e = exp2_of_negative_square(u);
         const T ge = gb[j] * e;
-        const T gez = ge * z;
+        const T geu = ge * u;
         la[j] += ge;
-        lb[j] += gez;
-        lc[j] += gez * z;
-        dsum[j] += w * e * z;
+        lb[j] += geu;
+        lc[j] += geu * u;
+        dsum[j] += w * e * u;
       }
     } else {
       const T* pk = pi + k * kstride;
@@ -287,29 +300,32 @@ inline void backward_block(const S* x, const S* g, S* dx, int64_t m, int64_t K, 
       // gives up on proving it and leaves the loop scalar
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) {
-        const T z = clamp_z((xb[j] - mk[j]) * sk[j]);
-        const T e = exp_nonpositive(T(-0.5) * z * z);
+        const T u = clamp_u((xb[j] - mk[j]) * sk[j]);
+        const T e = exp2_of_negative_square(u);
         const T ge = gb[j] * e;
-        const T gez = ge * z;
+        const T geu = ge * u;
         la[j] += ge;
-        lb[j] += gez;
-        lc[j] += gez * z;
-        dsum[j] += pk[j] * sk[j] * e * z;
+        lb[j] += geu;
+        lc[j] += geu * u;
+        dsum[j] += pk[j] * sk[j] * e * u;
       }
     }
   }
+  // dsum holds sum_k pi_k s_k e_k z_k times kU^2
+  constexpr T kUnscale = T(1) / (kU<T> * kU<T>);
+  for (int64_t j = 0; j < m; ++j) dsum[j] *= gb[j] * kUnscale;
   if (mode == kLinear) {
     T* ld = lanes + 3 * K * lane_stride;
     T* le = lanes + (3 * K + 1) * lane_stride;
     for (int64_t j = 0; j < m; ++j) {
       ld[j] += gb[j] * xb[j];
       le[j] += gb[j];
-      dx[j] = Store<S>::from(a[j * step] * gb[j] - gb[j] * dsum[j]);
+      dx[j] = Store<S>::from(a[j * step] * gb[j] - dsum[j]);
     }
   } else if (mode == kAccumulate) {
-    for (int64_t j = 0; j < m; ++j) dx[j] = Store<S>::from(load(dx[j]) - gb[j] * dsum[j]);
+    for (int64_t j = 0; j < m; ++j) dx[j] = Store<S>::from(load(dx[j]) - dsum[j]);
   } else {
-    for (int64_t j = 0; j < m; ++j) dx[j] = Store<S>::from(-gb[j] * dsum[j]);
+    for (int64_t j = 0; j < m; ++j) dx[j] = Store<S>::from(-dsum[j]);
   }
 }
 
@@ -348,22 +364,9 @@ void backward_run(const S* x, const S* g, S* dx, int64_t len, int64_t K, const T
   flush_lanes(lanes, Q, totals);
 }
 
-// One row of C channels with the expanded [K][C] tables; lanes are per channel ([Q][C]).
 template <typename S, typename T>
-void backward_row(const S* x, const S* g, S* dx, int64_t C, const ChannelTables<T>& t,
-                  int64_t K, int mode, T* lanes) {
-  for (int64_t start = 0; start < C; start += kBlock) {
-    const int64_t m = std::min(kBlock, C - start);
-    const T* a = mode == kLinear ? t.a.data() + start : nullptr;
-    backward_block<S, T, 1>(x + start, g + start, dx + start, m, K, t.pi.data() + start,
-                            t.mu.data() + start, t.scale.data() + start, C, mode, a,
-                            lanes + start, C);
-  }
-}
-
-template <typename S, typename T>
-void backward(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner, int64_t G,
-              const Params<T>& p, int mode, double* sums, int threads) {
+void accumulate_sums(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner,
+                     int64_t G, const Params<T>& p, int mode, double* sums, int threads) {
   const int64_t K = p.K, Q = num_quantities(K);
   const int64_t per_group = G == 1 ? 1 : C / G;
   // Per-thread totals, summed in a fixed order at the end so results do not depend on timing.
@@ -371,7 +374,8 @@ void backward(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner
 
   if (G > 1 && inner == 1) {
     const ChannelTables<T> t(p, C, G);
-    const int64_t rows = n / C;
+    const int64_t rows = n / C, col_blocks = (C + kBlock - 1) / kBlock;
+    const int64_t tiles = (rows + kTileRows - 1) / kTileRows * col_blocks;
     totals.assign(static_cast<size_t>(threads) * Q * C, 0.0);
 #pragma omp parallel num_threads(threads)
     {
@@ -380,19 +384,31 @@ void backward(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner
 #else
       const int tid = 0;
 #endif
-      std::vector<T> lanes(Q * C, T(0));
+      std::vector<T> lanes(Q * kBlock, T(0));
       double* mine = totals.data() + static_cast<size_t>(tid) * Q * C;
-      int64_t pending = 0;
-#pragma omp for schedule(static) nowait
-      for (int64_t r = 0; r < rows; ++r) {
-        backward_row<S, T>(x + r * C, g + r * C, dx + r * C, C, t, K, mode, lanes.data());
-        if (++pending == kFlushRows) {
-          for (int64_t i = 0; i < Q * C; ++i) mine[i] += lanes[i];
-          std::fill(lanes.begin(), lanes.end(), T(0));
-          pending = 0;
+#pragma omp for schedule(static)
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t first = tile / col_blocks * kTileRows, c0 = tile % col_blocks * kBlock;
+        const int64_t m = std::min(kBlock, C - c0);
+        const T* a = mode == kLinear ? t.a.data() + c0 : nullptr;
+        for (int64_t r = first; r < std::min(rows, first + kTileRows); ++r) {
+          const int64_t o = r * C + c0;
+          if (m == kBlock) {
+            backward_block<S, T, 1>(x + o, g + o, dx + o, kBlock, K, t.pi.data() + c0,
+                                    t.mu.data() + c0, t.scale.data() + c0, C, mode, a,
+                                    lanes.data(), kBlock);
+          } else {
+            backward_block<S, T, 1>(x + o, g + o, dx + o, m, K, t.pi.data() + c0,
+                                    t.mu.data() + c0, t.scale.data() + c0, C, mode, a,
+                                    lanes.data(), kBlock);
+          }
         }
+        // lanes are channels c0 .. c0 + m of this tile
+        for (int64_t q = 0; q < Q; ++q) {
+          for (int64_t j = 0; j < m; ++j) mine[q * C + c0 + j] += lanes[q * kBlock + j];
+        }
+        std::fill(lanes.begin(), lanes.end(), T(0));
       }
-      for (int64_t i = 0; i < Q * C; ++i) mine[i] += lanes[i];
     }
     for (int th = 0; th < threads; ++th) {
       const double* part = totals.data() + static_cast<size_t>(th) * Q * C;
@@ -434,6 +450,21 @@ void backward(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner
   }
   for (int th = 0; th < threads; ++th) {
     for (int64_t i = 0; i < G * Q; ++i) sums[i] += totals[static_cast<size_t>(th) * G * Q + i];
+  }
+}
+
+template <typename S, typename T>
+void backward(const S* x, const S* g, S* dx, int64_t n, int64_t C, int64_t inner, int64_t G,
+              const Params<T>& p, int mode, double* sums, int threads) {
+  accumulate_sums(x, g, dx, n, C, inner, G, p, mode, sums, threads);
+  // the lanes summed g e u and g e u^2; the gradients need g e z and g e z^2
+  const int64_t K = p.K, Q = num_quantities(K);
+  const double u = static_cast<double>(kU<T>);
+  for (int64_t grp = 0; grp < G; ++grp) {
+    for (int64_t k = 0; k < K; ++k) {
+      sums[grp * Q + K + k] /= u;
+      sums[grp * Q + 2 * K + k] /= u * u;
+    }
   }
 }
 
