@@ -44,7 +44,7 @@ class Problems:
         if not self.items:
             return
         param, _, code = self.items[0]
-        message = " ".join(text for _, text, _ in self.items)
+        message = " ".join(text if text.endswith(".") else f"{text}." for _, text, _ in self.items)
         raise ApiError(400, message, param=param, code=code)
 
 
