@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -26,7 +26,6 @@ class ServiceContext:
     keys: KeyRing
     metrics: ServiceMetrics
     supervisor: Supervisor | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def get_context(request: Request) -> ServiceContext:

@@ -242,11 +242,13 @@ class Supervisor:
         recovered: list[str] = []
         with self.db.write() as session:
             workers = {worker.id: worker for worker in session.scalars(select(Worker))}
-            candidates = session.scalars(
-                select(Job).where(
-                    Job.status.in_((RUNNING, CANCELLING)), Job.worker_id != self.worker_id
-                )
-            ).all()
+            query = select(Job).where(
+                Job.status.in_((RUNNING, CANCELLING)), Job.worker_id != self.worker_id
+            )
+            if not self.db.is_sqlite:
+                # Two workers noticing the same lost job: the second skips it.
+                query = query.with_for_update(skip_locked=True)
+            candidates = session.scalars(query).all()
             for job in candidates:
                 if job.id in self.running or not self._is_lost(job, workers, now):
                     continue
