@@ -147,19 +147,22 @@ def measure_memory(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_times(
     modules: dict[str, nn.Module], x: Tensor, grad: Tensor, repeats: int
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and CPU seconds (this process, all its threads) per step and variant."""
     for name, module in modules.items():
         start = time.perf_counter()
         step(module, x, grad)
         print(f"  warm-up {name}: {time.perf_counter() - start:.2f} s", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in modules}
+    wall: dict[str, list[float]] = {name: [] for name in modules}
+    cpu: dict[str, list[float]] = {name: [] for name in modules}
     for round_index in range(repeats):
         for name, module in modules.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(module, x, grad)
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
         print(f"  round {round_index + 1}/{repeats} done", flush=True)
-    return times
+    return wall, cpu
 
 
 def cpu_name() -> str:
@@ -181,11 +184,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     auto_backend = backends.select(x).name
 
     print(f"timing {len(modules)} variants on {list(args.shape)}, {args.threads} thread(s)")
-    times = measure_times(modules, x, grad, args.repeats)
+    times, cpu_times = measure_times(modules, x, grad, args.repeats)
     print("measuring peak memory, one subprocess per variant")
     memory = {name: measure_memory(name, args) for name in specs}
 
     gelu_time = statistics.median(times["gelu"])
+    gelu_cpu = statistics.median(cpu_times["gelu"])
     gelu_peak = memory["gelu"]["peak_bytes"]
     variants = {}
     for name, spec in specs.items():
@@ -197,6 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "backend": auto_backend if backend == "auto" else backend,
             "median_ms": round(median * 1e3, 2),
             "time_ratio_vs_gelu": round(median / gelu_time, 3),
+            "median_cpu_ms": round(statistics.median(cpu_times[name]) * 1e3, 2),
+            "cpu_time_ratio_vs_gelu": round(statistics.median(cpu_times[name]) / gelu_cpu, 3),
             "peak_bytes": memory[name]["peak_bytes"],
             "memory_ratio_vs_gelu": round(memory[name]["peak_bytes"] / gelu_peak, 3),
             "saved_for_backward_bytes": memory[name]["saved_bytes"],
@@ -211,7 +217,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": cpu_name(),
         "torch": torch.__version__,
         "auto_backend_on_cpu": auto_backend,
-        "time_method": "median of interleaved forward+backward steps, one process",
+        "time_method": (
+            "median of interleaved forward+backward steps in one process: wall clock "
+            "(time_ratio_vs_gelu) and this process's CPU time (cpu_time_ratio_vs_gelu, less "
+            "sensitive to other processes on a shared machine)"
+        ),
+        "load_average_at_start": list(os.getloadavg()),
         "memory_method": (
             "fresh subprocess per variant: VmHWM after one step minus VmRSS before it, "
             "peak reset through /proc/self/clear_refs after a warm-up step"
@@ -230,6 +241,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     names = [n for n in result["variants"] if n != "gelu"]
     time_ratios = [result["variants"][n]["time_ratio_vs_gelu"] for n in names]
@@ -245,9 +257,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             target, color="tab:red", linestyle="--", label=f"target for K=8 shared: {target}x"
         )
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(title)
         ax.invert_yaxis()
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right")
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}x", va="center")
     shape = "x".join(map(str, result["shape"]))
@@ -265,6 +279,9 @@ def parse_args() -> argparse.Namespace:
         "--no-context", dest="context", action="store_false", help="skip recompute and compile"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "activation.json")
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the PNG from an existing --out JSON"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -274,17 +291,21 @@ def main() -> int:
     if args.memory_child:
         print(json.dumps(measure_memory_here(args.memory_child, args)))
         return 0
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
 
-    print(f"\n{'variant':24} {'backend':10} {'time':>9} {'x GELU':>8} {'peak MB':>9} {'x GELU':>8}")
+    header = f"{'variant':24} {'backend':10} {'time':>9} {'x GELU':>8} {'cpu x GELU':>11}"
+    print(f"\n{header} {'peak MB':>9} {'x GELU':>8}")
     for name, v in result["variants"].items():
         print(
             f"{name:24} {v['backend'] or '-':10} {v['median_ms']:7.1f}ms "
-            f"{v['time_ratio_vs_gelu']:7.2f}x {v['peak_bytes'] / 2**20:8.1f} "
-            f"{v['memory_ratio_vs_gelu']:7.2f}x"
+            f"{v['time_ratio_vs_gelu']:7.2f}x {v['cpu_time_ratio_vs_gelu']:10.2f}x "
+            f"{v['peak_bytes'] / 2**20:8.1f} {v['memory_ratio_vs_gelu']:7.2f}x"
         )
     targets = result["targets"]
     print(
