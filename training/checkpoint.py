@@ -28,11 +28,15 @@ from typing import Any
 import torch
 
 from training.errors import DiskFullError
-from training.protocol import CHECKPOINT_INFO_FILE, CHECKPOINT_PREFIX, CHECKPOINTS_DIR
+from training.protocol import (
+    CHECKPOINT_INFO_FILE,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    TRAINING_STATE_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
-TRAINING_STATE_FILE = "training_state.pt"
 _FINAL_NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 _TEMPORARY_MARK = ".tmp-"
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}

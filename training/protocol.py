@@ -14,6 +14,23 @@ from here so that neither side can drift from the other.
       error.json            {"code", "message"} when the job failed
       CANCEL                created by whoever wants the job to stop between steps
 
+What the engine puts in them (beyond the fields above):
+
+- training metrics events: values `train_loss`, `learning_rate`, `gmnm_learning_rate`,
+  `grad_norm`, `samples_per_second`, `peak_memory_mb`, `trained_samples`, and for text tasks
+  `tokens_per_second` and `trained_tokens`; evaluation events: the evaluation's metrics prefixed
+  `valid_` (`valid_loss`, `valid_accuracy`, `valid_macro_f1`, `valid_samples` for
+  classification; `valid_loss`, `valid_perplexity`, `valid_token_accuracy`, `valid_tokens` for
+  causal LM). An evaluation job's metrics event carries the same names without the prefix.
+- checkpoint.json: also `reason` (interval, final, cancelled, conversion), `task`, `labels` (class
+  names in head order), `total_steps`, `epoch`, `model` (the spec's reference), `converted`, and
+  `conversion` (the conversion report); its `metrics` are `train_loss` and the `valid_*` values
+  of that checkpoint's weights (`train_loss` alone for a cancelled job's checkpoint).
+- metrics.json: a fine-tune's `step`, `train_loss` and final `valid_*` values; an evaluation's
+  metrics of `spec.model`, unprefixed.
+- TRAINING_STATE_FILE inside a fine-tune's checkpoint is the engine's own resume state (a torch
+  file); leave it out of anything a user downloads.
+
 Exit statuses: `EXIT_OK`, `EXIT_FAILED` (error.json says why), `EXIT_INVALID` (the spec or the
 data was refused before any work; error.json says which field or line), `EXIT_CANCELLED`
 (stopped on request after writing a checkpoint).
@@ -31,6 +48,7 @@ CURVES_FILE = "curves.png"
 ERROR_FILE = "error.json"
 CANCEL_FILE = "CANCEL"
 SPEC_FILE = "spec.json"
+TRAINING_STATE_FILE = "training_state.pt"
 
 EXIT_OK = 0
 EXIT_FAILED = 1
