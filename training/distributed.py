@@ -52,12 +52,23 @@ def in_launched_worker() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _one_gpu_per_process(local_rank: int) -> torch.device:
+    """NCCL needs a GPU of its own for every process on a host."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if processes > torch.cuda.device_count():
+        raise SpecError(
+            f"hyperparameters.num_processes: {processes} processes on this host need as many "
+            f"GPUs, but {torch.cuda.device_count()} are visible; lower num_processes"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return _one_gpu_per_process(local_rank)
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SpecError(
@@ -65,7 +76,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
             "use 'cpu' or 'auto'"
         )
     if requested == "cuda":
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return _one_gpu_per_process(local_rank)
     index = int(requested.split(":")[1])
     if index >= torch.cuda.device_count():
         raise SpecError(
