@@ -238,11 +238,7 @@ def _load(
     num_labels: int | None,
 ) -> LoadedModel:
     if library == "timm":
-        if task not in (None, "image-classification", "feature-extraction"):
-            raise UnsupportedModelError(
-                f"{ref!r} is a timm image model; it can be loaded for image-classification or "
-                f"feature-extraction, not {task!r}"
-            )
+        check_timm_task(ref, task)
         model, source = _load_timm(ref, pretrained, revision, num_labels)
     else:
         model, source = _load_transformers(
@@ -262,6 +258,14 @@ def _load(
         converted=False,
         manifest=None,
     )
+
+
+def check_timm_task(ref: str, task: str | None) -> None:
+    if task not in (None, "image-classification", "feature-extraction"):
+        raise UnsupportedModelError(
+            f"{ref!r} is a timm image model; it can be loaded for image-classification or "
+            f"feature-extraction, not {task!r}"
+        )
 
 
 def _load_timm(
@@ -316,12 +320,32 @@ def _load_timm(
     return model, source
 
 
-def _transformers_class(task: str | None, config: Any) -> Any:
+def task_class(task: str, config: Any, ref: str) -> Any:
+    """The transformers Auto class of `task`, refused when the config's family has no such head."""
+    import transformers
+
+    def has_head(name: str) -> bool:
+        mapping = getattr(getattr(transformers, name), "_model_mapping", None)
+        try:
+            return mapping is None or type(config) in mapping
+        except (KeyError, ValueError, AttributeError):
+            return True  # let from_pretrained decide, and report its error
+
+    if not has_head(_TASK_CLASSES[task]):
+        possible = [name for name, cls in _TASK_CLASSES.items() if has_head(cls)]
+        raise UnsupportedModelError(
+            f"{ref!r} is a {config.model_type} model, and transformers has no {task} head for "
+            f"that family; load it for one of: {', '.join(possible)}"
+        )
+    return getattr(transformers, _TASK_CLASSES[task])
+
+
+def _transformers_class(task: str | None, config: Any, ref: str) -> Any:
     import transformers
     from transformers import PreTrainedModel
 
     if task is not None:
-        return getattr(transformers, _TASK_CLASSES[task])
+        return task_class(task, config, ref)
     for architecture in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, architecture, None)
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
@@ -363,7 +387,7 @@ def _load_transformers(
             f"{ref!r} could not be found ({error}); give {_ACCEPTED_FORMS}"
         ) from error
 
-    cls = _transformers_class(task, config)
+    cls = _transformers_class(task, config, ref)
     try:
         if pretrained:
             model = cls.from_pretrained(

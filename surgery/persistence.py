@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,16 @@ from surgery.loading import (
     TASKS,
     LoadedModel,
     SourceInfo,
+    check_timm_task,
     infer_task,
     load_processor,
     source_info,
+    task_class,
 )
+from surgery.plan import ROUTE_MODULE
+from surgery.registry import is_head_path
 from surgery.routing import GMNM_ATTENTION, register_attention
+from surgery.trace import call_site_path
 
 logger = logging.getLogger(__name__)
 
@@ -240,12 +246,13 @@ def load_saved(
     if manifest["library"] == "transformers":
         model = _load_transformers_base(directory, manifest, task, num_labels, changed)
     else:
+        check_timm_task(str(directory), task)
         model = _load_timm_base(directory, manifest, num_labels, changed)
 
-    # re-apply the conversion, then its parameters, strictly
-    entries = _entries_for(model, manifest)
-    _apply_manifest(model, manifest, entries)
-    _load_gmnm_weights(model, directory, manifest, entries)
+    # re-apply the conversion with its paths as they are in this model, then its parameters
+    record, modules = conversion_record(model, manifest)
+    _apply_record(model, record)
+    _load_gmnm_weights(model, directory, manifest, record, modules)
 
     processor = load_processor(directory) if manifest["library"] == "transformers" else None
     data_config = None
@@ -272,7 +279,7 @@ def load_saved(
         num_labels=source.num_labels,
         processor=processor,
         data_config=data_config,
-        converted=bool(entries),
+        converted=bool(record["sites"]),
         manifest=manifest,
     )
 
@@ -301,10 +308,10 @@ def _load_transformers_base(
     import transformers
     from transformers import AutoConfig, PreTrainedModel
 
-    from surgery.loading import _TASK_CLASSES
-
+    overrides = {"num_labels": num_labels} if num_labels is not None else {}
+    config = AutoConfig.from_pretrained(str(directory), **overrides)
     if task is not None and task != manifest.get("task"):
-        cls = getattr(transformers, _TASK_CLASSES[task])
+        cls = task_class(task, config, str(directory))
     else:
         cls = getattr(transformers, manifest.get("model_class", ""), None)
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
@@ -312,8 +319,6 @@ def _load_transformers_base(
                 f"the manifest names model class {manifest.get('model_class')!r}, which this "
                 "transformers version does not have"
             )
-    overrides = {"num_labels": num_labels} if num_labels is not None else {}
-    config = AutoConfig.from_pretrained(str(directory), **overrides)
     with _quiet_transformers():
         model, info = cls.from_pretrained(
             str(directory),
@@ -329,27 +334,32 @@ def _load_transformers_base(
 def _check_transformers_load(
     model: nn.Module, manifest: dict[str, Any], info: dict[str, Any], changed: bool, directory: Path
 ) -> None:
-    """Strict loading: only the marker may be unexpected, and only the head may be new."""
-    prefix = getattr(model, "base_model_prefix", "")
-    is_task_model = getattr(model, "base_model", model) is not model
+    """Strict loading: only the marker may be unexpected, and only the head may be new.
+
+    With another task the head is the part outside the base model, and the parts inside it that
+    only some task classes build (BERT's pooler): those weights may be new, or left unused.
+    """
+    prefix = _base_path(model)
+    saved_prefix = manifest.get("base_model_prefix", "") if manifest.get("task_model") else ""
     unexpected = set(info.get("unexpected_keys", [])) - {CONVERTED_MARKER}
     new = set(info.get("missing_keys", [])) | {
         k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])
     }
 
-    def in_head(key: str) -> bool:
-        return is_task_model and not key.startswith(prefix + ".")
+    def in_head(key: str, base: str) -> bool:
+        outside = bool(base) and key != base and not key.startswith(base + ".")
+        return outside or is_head_path(key.rpartition(".")[0])
 
-    saved_head = (
-        [k for k in unexpected if not k.startswith(prefix + ".")]
-        if manifest.get("task_model")
-        else []
-    )
     if changed:
-        bad_new = sorted(k for k in new if not in_head(k))
-        bad_unexpected = sorted(set(unexpected) - set(saved_head))
-        if new:
-            logger.info("re-initialised the head of %s: %s", type(model).__name__, sorted(new))
+        bad_new = sorted(k for k in new if not in_head(k, prefix))
+        bad_unexpected = sorted(k for k in unexpected if not in_head(k, saved_prefix))
+        if new or unexpected:
+            logger.info(
+                "loaded %s with a new head: initialised %s, left unused %s",
+                type(model).__name__,
+                sorted(new),
+                sorted(unexpected),
+            )
     else:
         bad_new, bad_unexpected = sorted(new), sorted(unexpected)
     if bad_new or bad_unexpected:
@@ -396,96 +406,203 @@ def _load_timm_base(
     return model
 
 
-def _map_path(path: str, manifest: dict[str, Any], model: nn.Module) -> str | None:
-    """A path of the saved model in the loaded one (None when it belonged to a dropped head)."""
-    if manifest["library"] != "transformers" or manifest.get("model_class") == type(model).__name__:
-        return path
-    prefix = manifest.get("base_model_prefix", "")
-    if manifest.get("task_model"):
-        if path != prefix and not path.startswith(prefix + "."):
-            return None
-        inner = path[len(prefix) + 1 :] if path != prefix else ""
-    else:
+@dataclass(frozen=True)
+class PathMap:
+    """Carries module paths of the saved model over to the model it is loaded into.
+
+    A transformers task model holds its base model at `base_model_prefix` ("bert", "transformer")
+    with the head around it, and loading for another task keeps the base model and builds another
+    head. A path inside the saved base model therefore moves to the same place inside the loaded
+    base model, and a path in the saved head has no counterpart (None). When both models are of
+    one class, and for timm models (whose head changes keep every path), paths stay as they are.
+    """
+
+    saved_base: str | None = None  # where the base model sits in each model ("" at the root)
+    loaded_base: str | None = None
+
+    def __call__(self, path: str) -> str | None:
+        if self.saved_base is None or self.loaded_base is None:
+            return path
         inner = path
-    if getattr(model, "base_model", model) is not model:
-        return f"{prefix}.{inner}" if inner else prefix
-    return inner
+        if self.saved_base:
+            if path != self.saved_base and not path.startswith(self.saved_base + "."):
+                return None
+            inner = path[len(self.saved_base) + 1 :]
+        return ".".join(part for part in (self.loaded_base, inner) if part)
+
+    @property
+    def moves(self) -> bool:
+        return self.saved_base is not None and self.saved_base != self.loaded_base
 
 
-def _entries_for(model: nn.Module, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's entries with paths as they are in `model` (sites in a dropped head go)."""
-    entries = []
-    for entry in manifest["sites"]:
-        site = dict(entry["site"])
-        fields = {"path": site["path"], "owner": site["owner"], "module": entry["module"]}
-        mapped = {name: _map_path(value, manifest, model) for name, value in fields.items()}
-        if site.get("caller") is not None:
-            mapped["caller"] = _map_path(site["caller"], manifest, model)
-        if any(value is None for value in mapped.values()):
-            logger.info("dropped site %s: it was in the head of the saved model", site["path"])
-            continue
-        if site.get("route") != "module" and site["path"].startswith(site["owner"]):
-            mapped["path"] = str(mapped["owner"]) + site["path"][len(site["owner"]) :]
-        site.update({k: v for k, v in mapped.items() if k != "module"})
-        entries.append({**entry, "site": site, "module": mapped["module"]})
-    return entries
+def _base_path(model: nn.Module) -> str:
+    """Where the base model sits in a transformers model: its prefix, or "" when it is one."""
+    if getattr(model, "base_model", model) is model:
+        return ""
+    return str(getattr(model, "base_model_prefix", ""))
 
 
-def _apply_manifest(
-    model: nn.Module, manifest: dict[str, Any], entries: list[dict[str, Any]]
-) -> None:
-    attention = manifest.get("attention") or {}
-    eager = {}
-    for path, reference in (attention.get("eager") or {}).items():
-        mapped = _map_path(path, manifest, model)
-        if mapped is not None:
-            eager[mapped] = resolve_eager(reference)
-    for path in manifest.get("unfused", []):
-        mapped = _map_path(path, manifest, model)
-        if mapped is not None:
-            owner = model.get_submodule(mapped)
-            if not isinstance(getattr(owner, "fused_attn", None), bool):
-                raise ManifestError(
-                    f"{mapped} has no fused_attn switch; the manifest is for another model"
-                )
-            setattr(owner, "fused_attn", False)  # noqa: B010
+def path_map(manifest: dict[str, Any], model: nn.Module) -> PathMap:
+    """How paths of the model a manifest describes map into `model`."""
+    if manifest["library"] != "transformers" or manifest.get("model_class") == type(model).__name__:
+        return PathMap()
+    saved = manifest.get("base_model_prefix", "") if manifest.get("task_model") else ""
+    return PathMap(saved_base=saved, loaded_base=_base_path(model))
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
     try:
-        apply_entries(model, entries, attention_functions=eager)
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _moved_site(site: dict[str, Any], paths: PathMap) -> dict[str, Any] | None:
+    """A site's record with its paths in the loaded model (None when it was in the saved head)."""
+    owner = paths(site["owner"])
+    if owner is None:
+        return None
+    moved = {**site, "owner": owner}
+    if site.get("caller") is not None:
+        moved["caller"] = paths(site["caller"])
+        if moved["caller"] is None:
+            return None
+    if site.get("route", ROUTE_MODULE) == ROUTE_MODULE:
+        moved["path"] = paths(site["path"])
+        if moved["path"] is None:
+            return None
+    else:
+        moved["path"] = call_site_path(owner, site.get("op") or "", int(site.get("index", 0)))
+    return moved
+
+
+def _built_by(model: nn.Module, site: dict[str, Any]) -> bool:
+    """Whether `model` has the modules a site lives in (a task class may leave out the pooler)."""
+    modules = (
+        [site["owner"], site["path"]] if site.get("route") == ROUTE_MODULE else [site["owner"]]
+    )
+    return all(_has_module(model, path) for path in modules)
+
+
+def _spelled_as_sites(path: str, owners: set[str], prefix: str) -> str:
+    """An attention-record path spelled the way the manifest's sites spell their owners.
+
+    Manifests written before the attention record moved with the sites (a directory loaded for
+    another task, then saved) kept its paths with or without the base model's prefix as the
+    first model had them; the sites' owners, which did move, say which spelling is right.
+    """
+    if path in owners or not prefix:
+        return path
+    for candidate in (f"{prefix}.{path}", path.removeprefix(prefix + ".")):
+        if candidate in owners:
+            logger.warning(
+                "the manifest spells attention layer %s as %s; reading it as %s (a directory "
+                "saved by an earlier version: saving it again writes the corrected manifest)",
+                candidate,
+                path,
+                candidate,
+            )
+            return candidate
+    return path
+
+
+def conversion_record(
+    model: nn.Module, manifest: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The manifest's conversion record with every path as it is in `model`.
+
+    Returns the record (what `convert` leaves on a model, so that saving the loaded model writes
+    paths that load again) and where each saved GMNM module went (None: dropped with the head
+    of the saved model, or not built by the loaded task class).
+    """
+    paths = path_map(manifest, model)
+    prefix = str(manifest.get("base_model_prefix", ""))
+    owners = {e["site"]["owner"] for e in manifest["sites"]} | {
+        s["owner"] for s in manifest.get("kept", [])
+    }
+
+    entries: list[dict[str, Any]] = []
+    modules: dict[str, str | None] = {}
+    for entry in manifest["sites"]:
+        site = _moved_site(entry["site"], paths)
+        module = paths(entry["module"])
+        if site is None or module is None or (paths.moves and not _built_by(model, site)):
+            logger.info(
+                "dropped site %s: %s has no counterpart of the module it was in",
+                entry["site"]["path"],
+                type(model).__name__,
+            )
+            modules[entry["module"]] = None
+            continue
+        modules[entry["module"]] = module
+        entries.append({**entry, "site": site, "module": module})
+
+    kept = [moved for s in manifest.get("kept", []) if (moved := _moved_site(s, paths))]
+    attention = dict(manifest.get("attention") or {})
+    if attention.get("eager"):
+        eager = {_spelled_as_sites(p, owners, prefix): f for p, f in attention["eager"].items()}
+        attention["eager"] = {paths(p): f for p, f in eager.items() if paths(p) is not None}
+    unfused = [paths(_spelled_as_sites(p, owners, prefix)) for p in manifest.get("unfused", [])]
+    record = {
+        "sites": entries,
+        "kept": kept,
+        "attention": attention,
+        "unfused": [path for path in unfused if path is not None],
+        "targets": manifest.get("targets"),
+    }
+    return record, modules
+
+
+def _apply_record(model: nn.Module, record: dict[str, Any]) -> None:
+    attention = record["attention"]
+    eager = {path: resolve_eager(ref) for path, ref in (attention.get("eager") or {}).items()}
+    for path in record["unfused"]:
+        owner = model.get_submodule(path) if _has_module(model, path) else None
+        if not isinstance(getattr(owner, "fused_attn", None), bool):
+            raise ManifestError(
+                f"{path} is not an attention module with a fused_attn switch in "
+                f"{type(model).__name__}; the manifest is for another model"
+            )
+        setattr(owner, "fused_attn", False)  # noqa: B010
+    try:
+        apply_entries(model, record["sites"], attention_functions=eager)
     except AttributeError as error:
         raise ManifestError(
             f"the manifest names a module this {type(model).__name__} does not have ({error}); "
             "the directory was saved from another model"
         ) from error
-    if attention.get("implementation") == GMNM_ATTENTION and entries:
+    if attention.get("implementation") == GMNM_ATTENTION and record["sites"]:
         register_attention()
         model.set_attn_implementation(GMNM_ATTENTION)  # type: ignore[operator]
-    setattr(
-        model,
-        STATE_ATTR,
-        {
-            "sites": entries,
-            "kept": manifest.get("kept", []),
-            "attention": attention,
-            "unfused": manifest.get("unfused", []),
-            "targets": manifest.get("targets"),
-        },
-    )
+    setattr(model, STATE_ATTR, record)
 
 
 def _load_gmnm_weights(
-    model: nn.Module, directory: Path, manifest: dict[str, Any], entries: list[dict[str, Any]]
+    model: nn.Module,
+    directory: Path,
+    manifest: dict[str, Any],
+    record: dict[str, Any],
+    modules: dict[str, str | None],
 ) -> None:
     path = directory / manifest.get("gmnm_weights", GMNM_WEIGHTS)
     if not path.is_file():
         raise ManifestError(f"{directory} has no {path.name}; the directory is incomplete")
     saved = safetensors.torch.load_file(str(path))
+
+    # each tensor moves with the GMNM module it belongs to (longest module path first)
+    owners = sorted(modules, key=len, reverse=True)
     mapped: dict[str, Tensor] = {}
+    stray: list[str] = []
     for key, tensor in saved.items():
-        new_key = _map_path(key, manifest, model)
-        if new_key is not None:
-            mapped[new_key] = tensor
-    expected = set(_split_state(model, entries)[1])
-    missing, unexpected = sorted(expected - set(mapped)), sorted(set(mapped) - expected)
+        owner = next((m for m in owners if key.startswith(m + ".")), None)
+        if owner is None:
+            stray.append(key)
+        elif modules[owner] is not None:
+            mapped[f"{modules[owner]}{key[len(owner) :]}"] = tensor
+    expected = set(_split_state(model, record["sites"])[1])
+    missing = sorted(expected - set(mapped))
+    unexpected = sorted(stray) + sorted(set(mapped) - expected)
     if missing or unexpected:
         raise ManifestError(
             f"{path} does not match the manifest's sites: missing {missing[:5]}, unexpected "
