@@ -50,12 +50,13 @@ def _budget(
     grid: tuple[float, ...],
     eval_points: int,
     quick_steps: int | None = None,
+    max_extensions: int = 2,
 ) -> Budget:
     if quick:
         middle = grid[len(grid) // 2]
         short = quick_steps or max(steps // 10, 20)
         return Budget(short, batch, (middle,), SEEDS[:1], eval_points=min(5, eval_points))
-    return Budget(steps, batch, grid, SEEDS, eval_points=eval_points)
+    return Budget(steps, batch, grid, SEEDS, eval_points=eval_points, max_extensions=max_extensions)
 
 
 def _check_budget(experiment: Experiment) -> None:
@@ -217,8 +218,17 @@ def charlm(quick: bool) -> Experiment:
             "gelu",
         ),
     ]
-    # The most expensive experiment by far, hence two learning rates instead of three.
-    budget = _budget(quick, 500, 16, (1e-3, 3e-3), eval_points=2 if quick else 10, quick_steps=20)
+    # The most expensive experiment by far, hence two learning rates instead of three and at most
+    # one extension of the grid.
+    budget = _budget(
+        quick,
+        500,
+        16,
+        (1e-3, 3e-3),
+        eval_points=2 if quick else 10,
+        quick_steps=20,
+        max_extensions=1,
+    )
     return Experiment(
         "charlm",
         "character language model on Python standard-library source",

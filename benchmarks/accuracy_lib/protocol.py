@@ -2,8 +2,10 @@
 
 For each variant of an experiment:
 1. Sweep: train once (the first seed) per learning rate of the grid on the `train` split and
-   score each on `val`; the best validation metric picks the learning rate. The test set plays no
-   part in the choice.
+   score each on `val`; the best validation metric picks the learning rate. Where the best rate
+   is the grid's smallest or largest, the grid is extended past that end by the grid's own ratio
+   (up to `max_extensions` times), so that the chosen rate is not an artefact of where the grid
+   stopped. The test set plays no part in the choice.
 2. Report: train once per seed with that learning rate on `train_full` and score on `test`. Where
    `train_full` is `train`, the sweep's run for the first seed is that seed's reported run.
 
@@ -37,6 +39,7 @@ class Budget:
     lr_grid: tuple[float, ...]
     seeds: tuple[int, ...]
     eval_points: int = 20
+    max_extensions: int = 2
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
 
@@ -169,15 +172,32 @@ def run_variant(task: Task, variant: Variant, budget: Budget, log: Log) -> Varia
 
     # the sweep (skipped when the grid has a single rate)
     sweep: dict[float, Run] = {}
+
+    def try_rate(rate: float) -> None:
+        run = train(task, variant, rate, first, "train", budget)
+        sweep[rate] = run
+        log(f"  {variant.name:<22} sweep lr={rate:.3g}: val {task.metric} {run.val:.4g}")
+
+    def best_rate() -> float:
+        best = min(sweep) if sweep else budget.lr_grid[0]
+        for candidate in sorted(sweep):
+            if _better(task, sweep[candidate].val, sweep[best].val):
+                best = candidate
+        return best
+
     if len(budget.lr_grid) > 1:
-        for lr in budget.lr_grid:
-            run = train(task, variant, lr, first, "train", budget)
-            sweep[lr] = run
-            log(f"  {variant.name:<22} sweep lr={lr:g}: val {task.metric} {run.val:.4g}")
-    lr = budget.lr_grid[0]
-    for candidate, run in sweep.items():
-        if _better(task, run.val, sweep[lr].val):
-            lr = candidate
+        for rate in budget.lr_grid:
+            try_rate(rate)
+        ratio = budget.lr_grid[1] / budget.lr_grid[0]
+        for _ in range(budget.max_extensions):
+            best, rates = best_rate(), sorted(sweep)
+            if best == rates[-1]:
+                try_rate(best * ratio)
+            elif best == rates[0]:
+                try_rate(best / ratio)
+            else:
+                break
+    lr = best_rate()
 
     # the reported runs
     result = VariantResult(variant, parameters, sweep, lr)
@@ -273,7 +293,11 @@ def summarise(
             "parameters_vs_baseline": result.parameters / baseline.parameters,
             "baseline": baseline.variant.name,
             "lr": result.lr,
-            "lr_sweep_val": {f"{lr:g}": _json_float(r.val) for lr, r in result.sweep.items()},
+            "lr_sweep_val": {
+                f"{lr:.3g}": _json_float(result.sweep[lr].val) for lr in sorted(result.sweep)
+            },
+            "lr_at_sweep_edge": bool(result.sweep)
+            and result.lr in (min(result.sweep), max(result.sweep)),
             "test": mean_std([r.test for r in result.runs]),
             "val_at_chosen_lr": _json_float(result.sweep[result.lr].val)
             if result.lr in result.sweep

@@ -135,3 +135,44 @@ def test_sentences_are_distinct_prose_from_the_named_docstring_files() -> None:
     assert len(texts) == len(set(texts)) == 40
     assert sum(f["sentences_used"] for f in files) == 40
     assert all(t[0].isupper() and t.endswith(".") and len(t.split()) >= 6 for t in texts)
+
+
+def _fake_sweep(
+    monkeypatch: pytest.MonkeyPatch, best: float, grid: tuple[float, ...]
+) -> protocol.VariantResult:
+    """Run the sweep with training replaced by a validation loss that is lowest at `best`."""
+
+    def fake_train(task: Any, variant: Any, lr: float, seed: int, split: str, budget: Any) -> Any:
+        val = abs(math.log(lr / best))
+        return protocol.Run(lr, seed, split, [0], [val], val, val, 1.0, 0.5, 0.1)
+
+    class Task:
+        metric = "loss"
+        higher_is_better = False
+        data: dict[str, Any] = {"train": 1, "train_full": 1}
+
+    monkeypatch.setattr(protocol, "train", fake_train)
+    monkeypatch.setattr(protocol, "count_parameters", lambda model: 1)
+    budget = protocol.Budget(10, 4, grid, (0, 1), max_extensions=2)
+    variant = protocol.Variant("v", "", lambda: None, "v")  # type: ignore[arg-type,return-value]
+    return protocol.run_variant(Task(), variant, budget, lambda message: None)  # type: ignore[arg-type]
+
+
+def test_sweep_extends_the_grid_past_an_edge_that_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _fake_sweep(monkeypatch, best=0.09, grid=(1e-3, 1e-2))
+    # 0.1 wins at the new edge, so 1.0 is tried as well, loses, and the sweep stops
+    assert sorted(result.sweep) == pytest.approx([1e-3, 1e-2, 1e-1, 1.0])
+    assert result.lr == pytest.approx(0.1)
+
+
+def test_sweep_extends_at_most_max_extensions_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _fake_sweep(monkeypatch, best=1e-9, grid=(1e-3, 1e-2))
+    assert sorted(result.sweep) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2])
+    assert result.lr == pytest.approx(1e-5)
+
+
+def test_sweep_keeps_an_interior_best_without_extending(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _fake_sweep(monkeypatch, best=3e-3, grid=(1e-3, 3e-3, 1e-2))
+    assert sorted(result.sweep) == pytest.approx([1e-3, 3e-3, 1e-2])
+    assert result.lr == pytest.approx(3e-3)
+    assert result.runs[0] is result.sweep[result.lr]  # the same split: seed 0 is not retrained
