@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import KeyRing
 from service.context import ServiceContext
 from service.db import Database, upgrade
-from service.errors import ApiError, ErrorResponse, envelope, install_error_handlers
+from service.errors import ApiError, envelope, error_responses, install_error_handlers
 from service.layout import Layout
 from service.metrics import ServiceMetrics
 from service.routes import checkpoints, files, health, jobs
@@ -74,6 +76,27 @@ class UploadLimit:
         await self.app(scope, counted, send)
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema without FastAPI's default 422 answers: validation errors are 400s
+    in the error envelope, which every operation already documents."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(settings: Settings | None = None, *, run_supervisor: bool | None = None) -> FastAPI:
     settings = settings or Settings()
     layout = Layout(settings.data_dir)
@@ -112,12 +135,9 @@ def create_app(settings: Settings | None = None, *, run_supervisor: bool | None 
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses={
-            400: {"model": ErrorResponse, "description": "invalid request (names the field)"},
-            401: {"model": ErrorResponse, "description": "missing or invalid API key"},
-            404: {"model": ErrorResponse, "description": "no such object for this key"},
-        },
+        responses=error_responses(400, 404, 413, 500, 503),
     )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.context = context
     install_error_handlers(app)
     app.add_middleware(context.metrics.middleware)

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import KeyRing
 from service.db import Database
@@ -36,8 +37,20 @@ def get_context(request: Request) -> ServiceContext:
 Context = Annotated[ServiceContext, Depends(get_context)]
 
 
-def get_owner(context: Context, authorization: Annotated[str | None, Header()] = None) -> str:
-    return context.keys.owner_for(authorization)
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="an API key configured on the server (GMNM_API_KEYS), sent as a bearer token",
+)
+
+
+def get_owner(
+    request: Request,
+    context: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> str:
+    # The security scheme documents the key in the OpenAPI schema; the raw header is checked
+    # here so that a malformed one gets the same 401 answer as a missing one.
+    return context.keys.owner_for(request.headers.get("authorization"))
 
 
 Owner = Annotated[str, Depends(get_owner)]

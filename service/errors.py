@@ -53,6 +53,27 @@ class ApiError(Exception):
         self.headers = headers
 
 
+_DESCRIPTIONS = {
+    400: "invalid request: the message names the field and what to change",
+    401: "missing or invalid API key",
+    404: "no such object for this key, or no such route",
+    409: "conflict with the object's state or with an earlier use of the Idempotency-Key",
+    410: "the object is recorded but its files are gone",
+    413: "request body larger than the upload limit",
+    429: "too many active jobs for this key",
+    500: "unexpected server failure (the server log has the traceback)",
+    503: "the database is busy or unreachable; retry after the Retry-After seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error statuses, all answered with the envelope."""
+    return {
+        status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        for status in statuses
+    }
+
+
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
     return ApiError(
         404,

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from service.archive import write_archive
 from service.context import Context, Owner, ServiceContext
 from service.db import CheckpointRecord
-from service.errors import ApiError, not_found
+from service.errors import ApiError, error_responses, not_found
 from service.jobs import checkpoint_public
 from service.schemas import CheckpointPublic
 from training import protocol
@@ -21,7 +21,7 @@ from training.checkpoint import TRAINING_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=error_responses(401))
 
 # What a model download leaves out unless the training state is asked for.
 MODEL_ONLY_EXCLUDES = frozenset({TRAINING_STATE_FILE})
@@ -91,7 +91,7 @@ def ensure_archive(context: ServiceContext, record: CheckpointRecord) -> Checkpo
         return row
 
 
-@router.get("/{checkpoint_id}", response_model=CheckpointPublic)
+@router.get("/{checkpoint_id}", response_model=CheckpointPublic, responses=error_responses(410))
 def retrieve_checkpoint(checkpoint_id: str, context: Context, owner: Owner) -> Any:
     """A checkpoint's step, metrics, and the sha256 and size of its archive."""
     record = ensure_archive(context, _owned(context, owner, checkpoint_id))
@@ -101,7 +101,11 @@ def retrieve_checkpoint(checkpoint_id: str, context: Context, owner: Owner) -> A
 @router.get(
     "/{checkpoint_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"application/x-tar": {}}}},
+    responses={
+        200: {"content": {"application/x-tar": {}}},
+        304: {"description": "not modified: If-None-Match named the archive's ETag"},
+        **error_responses(410),
+    },
 )
 def checkpoint_content(
     checkpoint_id: str,

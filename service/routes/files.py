@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.context import Context, Owner
 from service.db import FileRecord
-from service.errors import ApiError, not_found
+from service.errors import ApiError, error_responses, not_found
 from service.jobs import MAX_PAGE, page
 from service.layout import FILE_PREFIX, new_id
 from service.schemas import FileDeleted, FilePublic, Page
@@ -25,7 +25,7 @@ from training.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(401))
 
 PURPOSES = ("fine-tune", "evaluation")
 _CHUNK = 1 << 20

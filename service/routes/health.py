@@ -8,13 +8,23 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from service.context import Context, Owner
+from service.errors import error_responses
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    """A readiness probe's answer; 503 carries the same body with the checks that failed."""
+
+    status: str
+    checks: dict[str, Any]
+    time: float
 
 
 @router.get("/healthz")
@@ -23,7 +33,14 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        **error_responses(401),
+        503: {"model": Readiness, "description": "not ready: `checks` says which check failed"},
+    },
+)
 def readyz(context: Context, owner: Owner) -> Any:
     """Ready to take jobs: the database is writable, the supervisor is alive, devices are seen."""
     checks: dict[str, Any] = {}
@@ -66,7 +83,7 @@ def _devices(configured: list[str]) -> dict[str, str]:
     return seen
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=error_responses(401))
 def metrics(context: Context, owner: Owner) -> Response:
     """Prometheus text: jobs by status, queue depth, request latency by route."""
     return Response(context.metrics.render(), media_type="text/plain; version=0.0.4")

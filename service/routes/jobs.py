@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.context import Context, Owner, ServiceContext
 from service.db import TERMINAL_STATUSES, Job
+from service.errors import error_responses
 from service.jobs import (
     KIND_NAMES,
     KIND_PATHS,
@@ -27,6 +28,7 @@ from service.jobs import (
     checkpoint_public,
     create_job,
     event_public,
+    event_seq,
     get_job,
     job_public,
     list_checkpoints,
@@ -58,9 +60,34 @@ IdempotencyKey = Annotated[
 ]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
-fine_tuning = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-conversions = APIRouter(prefix="/v1/conversions", tags=["conversions"])
-evaluations = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+_AUTH = error_responses(401)
+fine_tuning = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=_AUTH)
+conversions = APIRouter(prefix="/v1/conversions", tags=["conversions"], responses=_AUTH)
+evaluations = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=_AUTH)
+# Creating a job can conflict with an earlier use of its Idempotency-Key or exceed the key's
+# active jobs; stopping or resuming one can conflict with its status.
+_CREATE_ERRORS = error_responses(409, 429)
+
+
+# One server-sent event as the stream carries it: `data` is an EventPublic as JSON, and a last
+# event named `end` (with `{}` as data and no id) says the job has finished.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string", "enum": ["fine_tuning.job.event", "end"]},
+        "data": {"type": "string"},
+    },
+    "required": ["event", "data"],
+}
+
+
+def _create_responses(public: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    repeated = {"model": public, "description": "the job an earlier request with this key made"}
+    return {200: repeated, **_CREATE_ERRORS}
+
+
+_ACTION_ERRORS = error_responses(409)
 
 
 def _create(
@@ -89,7 +116,12 @@ def _create(
     return public
 
 
-@fine_tuning.post("", response_model=FineTuningJobPublic, status_code=202)
+@fine_tuning.post(
+    "",
+    response_model=FineTuningJobPublic,
+    status_code=202,
+    responses=_create_responses(FineTuningJobPublic),
+)
 def create_fine_tuning_job(
     body: FineTuningJobCreate,
     context: Context,
@@ -114,7 +146,12 @@ def create_fine_tuning_job(
     )
 
 
-@conversions.post("", response_model=ConversionPublic, status_code=202)
+@conversions.post(
+    "",
+    response_model=ConversionPublic,
+    status_code=202,
+    responses=_create_responses(ConversionPublic),
+)
 def create_conversion(
     body: ConversionCreate,
     context: Context,
@@ -138,7 +175,12 @@ def create_conversion(
     )
 
 
-@evaluations.post("", response_model=EvaluationPublic, status_code=202)
+@evaluations.post(
+    "",
+    response_model=EvaluationPublic,
+    status_code=202,
+    responses=_create_responses(EvaluationPublic),
+)
 def create_evaluation(
     body: EvaluationCreate,
     context: Context,
@@ -212,6 +254,10 @@ def _add_common_routes(router: APIRouter, kind: str, public: type[BaseModel]) ->
                 rows, has_more = list_events(session, job_id, after, limit)
                 return page([event_public(row) for row in rows], has_more)
         start = request.headers.get("last-event-id") or after
+        if start is not None:
+            # A malformed cursor is refused now: once the stream has started, an error can only
+            # break the connection.
+            event_seq(start)
         return StreamingResponse(
             _event_stream(context, job_id, start), media_type="text/event-stream"
         )
@@ -261,6 +307,7 @@ def _add_common_routes(router: APIRouter, kind: str, public: type[BaseModel]) ->
             methods=["POST"],
             response_model=public,
             name=f"{action}_{prefix}",
+            responses=_ACTION_ERRORS,
         )
     add(
         "/{job_id}/events",
@@ -268,6 +315,7 @@ def _add_common_routes(router: APIRouter, kind: str, public: type[BaseModel]) ->
         methods=["GET"],
         response_model=Page[EventPublic],
         name=f"events_{prefix}",
+        responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}},
     )
     add(
         "/{job_id}/checkpoints",
