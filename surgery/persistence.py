@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "gmnm-surgery"
 FORMAT_VERSION = 1
 GMNM_WEIGHTS = "gmnm.safetensors"
+ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
 BASE_WEIGHTS = "model.safetensors"
 # An extra tensor in a converted transformers model's weights: a plain `from_pretrained` lists it
 # as an unexpected key in its load report, which is how that report says the model is converted.
@@ -328,7 +329,28 @@ def _load_transformers_base(
             ignore_mismatched_sizes=changed,
         )
     _check_transformers_load(model, manifest, info, changed, directory)
+    _realign(model)
     return model
+
+
+def _realign(model: nn.Module) -> None:
+    """Copy tensors the loader left at unaligned CPU addresses into memory of their own.
+
+    Weights read from a safetensors file sit wherever the file put them (a 4-byte tensor before
+    them shifts every later one), and CPU matrix kernels take other code paths for unaligned
+    operands whose rounding differs in the last bit: without this a reloaded model would not
+    always reproduce the saved model's outputs exactly.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None or tensor.device.type != "cpu":
+                    continue
+                if tensor.data_ptr() % ALIGNMENT:
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        module._buffers[name] = tensor.clone()
 
 
 def _check_transformers_load(

@@ -354,3 +354,14 @@ def test_a_probe_the_model_cannot_take_is_refused_with_a_hint() -> None:
         surgery.plan(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), probe_inputs=torch.randn(2, 5))
     with pytest.raises(surgery.UnsupportedModelError, match="neither a transformers nor a timm"):
         surgery.plan(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_default_probes_pad_a_second_text_row_and_take_one_image() -> None:
+    text = surgery.example_inputs(tiny_transformers("bert"))
+    assert text["input_ids"].shape[0] == 2
+    assert text["attention_mask"][0].all() and not text["attention_mask"][1].all()
+    clip = surgery.example_inputs(tiny_transformers("clip"))
+    assert clip["input_ids"].shape[0] == 2 and clip["pixel_values"].shape[0] == 2
+    assert surgery.example_inputs(tiny_transformers("vit"))["pixel_values"].shape[0] == 1
+    assert surgery.example_inputs(tiny_timm("resnet18")).shape[0] == 1
+    assert surgery.example_inputs(tiny_timm("resnet18"), batch_size=3).shape[0] == 3
