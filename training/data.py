@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "text", "image-archive")
 _SNIFF_BYTES = 64 * 1024
+# Files that hold Python objects rather than data: loading one can run arbitrary code.
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".ckpt", ".npy", ".npz")
+_PICKLE_PROTOCOL_MARK = 0x80
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ def inspect_file(
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"{path.name}: the file is empty")
+    _refuse_pickle(path)
     fmt = detect_format(path, format)
     if fmt == "jsonl":
         return _inspect_jsonl(path, size)
@@ -145,6 +149,19 @@ def inspect_file(
     if fmt == "text":
         return _inspect_text(path, size)
     return _inspect_archive(path, size, limits)
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Refuse pickled Python objects (by name, or by the protocol byte they start with)."""
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    by_content = len(head) == 2 and head[0] == _PICKLE_PROTOCOL_MARK and 2 <= head[1] <= 5
+    if by_content or path.name.lower().endswith(_PICKLE_SUFFIXES):
+        raise DataError(
+            f"{path.name}: this is a pickled Python object (or a format built on pickle), which "
+            "is never loaded because unpickling can run any code; export the data as JSONL, "
+            "CSV, plain text or an image archive"
+        )
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -203,12 +220,21 @@ def _inspect_jsonl(path: Path, size: int) -> FileInfo:
     common: set[str] | None = None
     order: list[str] = []
     labels: set[str] = set()
+    first: tuple[int, bool] | None = None  # the first line, and whether it has a label
     for number, row in _jsonl_rows(path):
         rows += 1
         if common is None:
             common, order = set(row), list(row)
         else:
             common &= set(row)
+        if first is None:
+            first = (number, "label" in row)
+        elif ("label" in row) != first[1]:
+            what = "no 'label' field" if first[1] else "a 'label' field"
+            raise DataError(
+                f"{path.name} line {number}: {what}, unlike line {first[0]}; give every line a "
+                "label (classification) or none (causal-lm)"
+            )
         if "label" in row:
             labels.add(_label_text(row["label"], f"{path.name} line {number}", "label"))
     if rows == 0 or common is None:
@@ -236,6 +262,10 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, str]
     except StopIteration:
         raise DataError(f"{path.name}: the file is empty") from None
     header = [name.strip() for name in header]
+    if header and header[0].startswith(("{", "[")):
+        raise DataError(
+            f"{path.name} line 1: this looks like JSON, not CSV; save JSON lines as .jsonl"
+        )
     if not header or any(not name for name in header):
         raise DataError(f"{path.name} line 1: the header row needs a name for every column")
     duplicates = sorted({name for name in header if header.count(name) > 1})
@@ -260,10 +290,16 @@ def _inspect_csv(path: Path, size: int) -> FileInfo:
     header, records = _csv_rows(path)
     rows = 0
     labels = set()
-    for _, record in records:
+    for number, record in records:
         rows += 1
         if "label" in record:
-            labels.add(record["label"].strip())
+            label = record["label"].strip()
+            if not label:
+                raise DataError(
+                    f"{path.name} line {number}: the 'label' column is empty; give every row a "
+                    "label, or drop the column for causal-lm"
+                )
+            labels.add(label)
     if rows == 0:
         raise DataError(f"{path.name}: the file has a header but no rows")
     return FileInfo(
