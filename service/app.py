@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.auth import KeyRing
 from service.context import ServiceContext
 from service.db import Database, upgrade
-from service.errors import ApiError, envelope, error_responses, install_error_handlers
+from service.errors import envelope, error_responses, install_error_handlers
 from service.layout import Layout
 from service.metrics import ServiceMetrics
 from service.routes import checkpoints, files, health, jobs
@@ -59,21 +59,41 @@ class UploadLimit:
             await response(scope, receive, send)
             return
         received = 0
+        overflowed = started = False
 
+        # A body without a declared length is counted as it arrives. Past the limit the app is
+        # told the client left (whatever parses the body gives up), its answer is dropped, and
+        # the 413 goes out instead: an exception raised here would reach the app's body parser,
+        # which reports any failure as a vague 400.
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, overflowed
             message = await receive()
             received += len(message.get("body", b""))
             if received > allowance:
-                raise ApiError(
-                    413,
-                    f"The request body is larger than this server's upload limit of "
-                    f"{self.limit} bytes (GMNM_MAX_UPLOAD_BYTES).",
-                    code="request_too_large",
-                )
+                overflowed = True
+                return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        async def unless_overflowed(message: Message) -> None:
+            nonlocal started
+            if overflowed:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, unless_overflowed)
+        except Exception:
+            if not overflowed:
+                raise
+        if overflowed and not started:
+            response = envelope(
+                413,
+                f"The request body is larger than this server's upload limit of {self.limit} "
+                "bytes (GMNM_MAX_UPLOAD_BYTES).",
+                code="request_too_large",
+            )
+            await response(scope, receive, send)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 T = TypeVar("T")
 
 Auto = Literal["auto"]
+# Longer than any Hugging Face id, timm name or sensible local path; a longer reference is a
+# mistake (or an attack) and is refused before it reaches a log line or a job.
+MAX_REFERENCE_CHARS = 1024
 Task = Literal["image-classification", "text-classification", "causal-lm"]
 
 
@@ -151,7 +154,10 @@ class FineTuningJobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="a Hugging Face id, a timm name, or a checkpoint id")
+    model: str = Field(
+        max_length=MAX_REFERENCE_CHARS,
+        description="a Hugging Face id, a timm name, or a checkpoint id",
+    )
     task: Task | None = Field(default=None, description="inferred from the data when left out")
     training_file: str | None = Field(default=None, description="an uploaded file id")
     dataset: str | None = Field(
@@ -242,7 +248,7 @@ class ConversionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(max_length=MAX_REFERENCE_CHARS)
     revision: str | None = None
     pretrained: bool | None = None
     task: Task | Literal["feature-extraction"] | None = Field(
@@ -273,11 +279,11 @@ class EvaluationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(max_length=MAX_REFERENCE_CHARS)
     task: Task | None = Field(default=None, description="inferred from the data when left out")
     dataset: str | None = None
     file: str | None = Field(default=None, description="an uploaded file id")
-    compare_to: str | None = None
+    compare_to: str | None = Field(default=None, max_length=MAX_REFERENCE_CHARS)
     data: DataOptions | None = None
     batch_size: int | None = Field(default=None, ge=1)
     max_samples: int | None = Field(default=None, ge=1)

@@ -29,6 +29,8 @@ router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses
 
 PURPOSES = ("fine-tune", "evaluation")
 _CHUNK = 1 << 20
+# Stored names stay well under the 255 bytes a file name (and the database column) may hold.
+_MAX_FILENAME_BYTES = 200
 
 
 def file_public(record: FileRecord) -> FilePublic:
@@ -42,6 +44,27 @@ def file_public(record: FileRecord) -> FilePublic:
         format=record.format,
         rows=record.rows,
     )
+
+
+def safe_filename(given: str | None) -> str:
+    """The upload's own name, reduced to something safe to store, log and link to.
+
+    Only the last path component is kept (either slash), control characters are dropped, and a
+    long name is cut at the end of its stem so that its suffix (which picks the data
+    format) survives. Names with nothing left, `.` and `..` become `upload`.
+    """
+    name = (given or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(char for char in name if char.isprintable()).strip()
+    if name in ("", ".", ".."):
+        return "upload"
+    if len(name.encode()) > _MAX_FILENAME_BYTES:
+        stem, dot, suffix = name.rpartition(".")
+        if not dot or len(suffix.encode()) > 16:
+            stem, suffix = name, ""
+        room = _MAX_FILENAME_BYTES - len(suffix.encode()) - 1
+        stem = stem.encode()[:room].decode(errors="ignore")
+        name = f"{stem}.{suffix}" if suffix else stem
+    return name
 
 
 def _owned_file(context: Context, owner: str, file_id: str) -> FileRecord:
@@ -112,7 +135,7 @@ async def create_file(
             f"purpose: '{purpose}' is not accepted; use one of {', '.join(PURPOSES)}.",
             param="purpose",
         )
-    filename = Path(file.filename or "upload").name
+    filename = safe_filename(file.filename)
     file_id = new_id(FILE_PREFIX)
     path = context.layout.file_path(file_id)
     partial = path.with_name(f".{file_id}.part")

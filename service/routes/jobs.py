@@ -56,7 +56,11 @@ logger = logging.getLogger(__name__)
 
 IdempotencyKey = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", description="the same key and body return the same job"),
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="the same key and body return the same job",
+    ),
 ]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 
