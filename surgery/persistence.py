@@ -194,6 +194,7 @@ def _manifest(
     if source.library == "transformers":
         manifest["base_model_prefix"] = getattr(model, "base_model_prefix", "")
         manifest["task_model"] = getattr(model, "base_model", model) is not model
+        manifest["base_model_class"] = type(getattr(model, "base_model", model)).__name__
     return manifest
 
 
@@ -328,6 +329,7 @@ def _load_transformers_base(
             output_loading_info=True,
             ignore_mismatched_sizes=changed,
         )
+    _check_same_base_model(model, manifest, directory, task)
     _check_transformers_load(model, manifest, info, changed, directory)
     _realign(model)
     return model
@@ -351,6 +353,30 @@ def _realign(model: nn.Module) -> None:
                         tensor.data = tensor.data.clone()
                     else:
                         module._buffers[name] = tensor.clone()
+
+
+def _check_same_base_model(
+    model: nn.Module, manifest: dict[str, Any], directory: Path, task: str | None
+) -> None:
+    """Refuse a task class that is not built around the saved model's base model.
+
+    Sites can only be carried over when both models share the base model: CLIP's image
+    classifier holds the vision tower alone, Whisper's causal LM the decoder alone.
+    """
+    if type(model).__name__ == manifest.get("model_class"):
+        return
+    saved = manifest.get("base_model_class")
+    if saved is None and not manifest.get("task_model"):
+        saved = manifest.get("model_class")
+    loaded = type(getattr(model, "base_model", model)).__name__
+    if saved is not None and saved != loaded:
+        around = f" (base model {saved})" if saved != manifest.get("model_class") else ""
+        raise UnsupportedModelError(
+            f"{directory} holds a converted {manifest.get('model_class')}{around}, which "
+            f"{type(model).__name__} (task {task!r}, base model {loaded}) does not contain, so "
+            f"the conversion cannot be carried over; load it for task {manifest.get('task')!r}, "
+            f"or convert the original model loaded for {task!r}"
+        )
 
 
 def _check_transformers_load(

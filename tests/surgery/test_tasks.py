@@ -199,6 +199,16 @@ def test_a_task_the_family_has_no_head_for_is_refused_with_the_tasks_it_has(
             surgery.load_model(str(tmp_path / "vit"), task=task)
 
 
+def test_a_task_model_that_does_not_contain_the_saved_model_is_refused(tmp_path: Path) -> None:
+    # CLIP's image classifier holds the vision tower alone, not the whole CLIPModel
+    model = tiny_transformers("clip")
+    surgery.convert(model, surgery.plan(model))
+    surgery.save(model, tmp_path)
+    with pytest.raises(surgery.UnsupportedModelError, match="does not contain") as info:
+        surgery.load_model(str(tmp_path), task="image-classification", num_labels=3)
+    assert "load it for task 'feature-extraction'" in str(info.value)
+
+
 def test_a_timm_model_with_a_converted_head_keeps_its_sites_when_the_classifier_changes(
     tmp_path: Path,
 ) -> None:
