@@ -11,15 +11,18 @@ import hashlib
 import ipaddress
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
 
 KEY_HASH_PREFIX = "sha256:"
+# Jobs one worker keeps submitted to a Ray cluster when GMNM_MAX_CONCURRENT_JOBS is not set.
+RAY_DEFAULT_CONCURRENCY = 16
 
 
 def _split_list(value: Any) -> Any:
@@ -54,12 +57,35 @@ class Settings(BaseSettings):
     )
 
     devices: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["cpu"], description="devices jobs run on, e.g. cuda:0,cuda:1"
+        default_factory=lambda: ["cpu"],
+        description="devices jobs run on, e.g. cuda:0,cuda:1; a job with num_processes N takes N "
+        "of them (list cpu several times to run several CPU processes)",
     )
     max_concurrent_jobs: int | None = Field(
         default=None, ge=1, description="jobs running at once; default: one per device"
     )
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="`local`: process groups on this host (torchrun for several devices); "
+        "`ray`: Ray Jobs on the cluster at GMNM_RAY_ADDRESS",
+    )
+    worker_hostname: str = Field(
+        default_factory=socket.gethostname,
+        description="the host name this worker records; workers that cannot see each other's "
+        "processes (separate PID namespaces) must not share one",
+    )
+    ray_address: str | None = Field(
+        default=None, description="the Ray dashboard (Jobs API) address, e.g. http://head:8265"
+    )
+    ray_auth_token: SecretStr | None = Field(
+        default=None, description="the cluster's token when Ray runs with RAY_AUTH_MODE=token"
+    )
+    ray_auth_token_file: Path | None = Field(
+        default=None, description="a file holding that token (e.g. ~/.ray/auth_token)"
+    )
+    ray_gpus_per_process: float = Field(
+        default=0.0, ge=0, description="GPUs each job process asks Ray for (0: CPU-only jobs)"
+    )
     job_niceness: int = Field(
         default=10, ge=0, le=19, description="CPU priority of job processes below the API's"
     )
@@ -98,6 +124,15 @@ class Settings(BaseSettings):
     def _json_commands(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _ray_needs_an_address(self) -> Settings:
+        if self.executor == "ray" and not self.ray_address:
+            raise ValueError(
+                "GMNM_EXECUTOR=ray needs GMNM_RAY_ADDRESS, the address of the Ray cluster's "
+                "Jobs API (its dashboard, e.g. http://ray-head:8265)"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -110,7 +145,19 @@ class Settings(BaseSettings):
 
     @property
     def concurrency(self) -> int:
+        if self.executor == "ray":
+            # Ray queues what its cluster cannot place yet; this only bounds the jobs one worker
+            # submits and watches at once.
+            return self.max_concurrent_jobs or RAY_DEFAULT_CONCURRENCY
         return self.max_concurrent_jobs or len(self.devices)
+
+    def ray_token(self) -> str | None:
+        """The Ray cluster's authentication token, from the setting or its file."""
+        if self.ray_auth_token is not None:
+            return self.ray_auth_token.get_secret_value()
+        if self.ray_auth_token_file is not None:
+            return self.ray_auth_token_file.expanduser().read_text().strip()
+        return None
 
     def key_digests(self) -> list[str]:
         """The sha256 hex digests of every configured key; plaintext keys are hashed here."""

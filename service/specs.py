@@ -220,6 +220,32 @@ def _device(requested: str | None) -> str:
     return requested or "auto"
 
 
+def _check_placement(builder: SpecBuilder, hyperparameters: dict[str, Any]) -> None:
+    """`num_nodes` is the service's, not the engine's: it says where a Ray cluster puts the
+    job's `num_processes` processes (the supervisor reads it from the request)."""
+    nodes = hyperparameters.pop("num_nodes", None)
+    if nodes is None:
+        return
+    param = "hyperparameters.num_nodes"
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        builder.problems.add(param, f"{param}: must be a positive whole number, got {nodes!r}.")
+        return
+    processes = hyperparameters.get("num_processes", 1)
+    if nodes > 1 and builder.settings.executor != "ray":
+        builder.problems.add(
+            param,
+            f"{param}: this server runs each job on one host (GMNM_EXECUTOR="
+            f"{builder.settings.executor}); spreading a job over {nodes} nodes needs a Ray "
+            "cluster (GMNM_EXECUTOR=ray). On one host use num_processes alone.",
+        )
+    elif isinstance(processes, int) and (processes < nodes or processes % nodes):
+        builder.problems.add(
+            param,
+            f"{param}: {nodes} nodes need num_processes to be a multiple of {nodes} (the "
+            f"processes in all, spread evenly), got num_processes {processes}.",
+        )
+
+
 def fine_tune_spec(builder: SpecBuilder, request: FineTuningJobCreate) -> dict[str, Any]:
     model = builder.model(request.model)
     if (request.training_file is None) == (request.dataset is None):
@@ -237,6 +263,7 @@ def fine_tune_spec(builder: SpecBuilder, request: FineTuningJobCreate) -> dict[s
             "integrations", "integrations: this server has no integrations; leave it empty."
         )
     hyperparameters = _hyperparameters(request)
+    _check_placement(builder, hyperparameters)
     if hyperparameters.get("max_steps", 0) > builder.settings.max_steps:
         builder.problems.add(
             "hyperparameters.max_steps",

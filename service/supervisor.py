@@ -22,10 +22,8 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +48,18 @@ from service.db import (
     Job,
     Worker,
 )
-from service.executors import Executor, JobHandle, Launch, group_alive, make_executor, signal_group
+from service.executors import (
+    Executor,
+    ExecutorUnavailableError,
+    JobHandle,
+    Launch,
+    describe_devices,
+    group_alive,
+    job_processes,
+    make_executor,
+    process_belongs_to,
+    signal_group,
+)
 from service.layout import CHECKPOINT_PREFIX, FILE_PREFIX, Layout, new_id
 from service.settings import Settings
 from training import protocol
@@ -66,6 +75,10 @@ STOP_CANCEL, STOP_PAUSE, STOP_TIME_LIMIT, STOP_SHUTDOWN = (
 )
 
 WORKER_LOST = "worker_lost"
+# Queued jobs looked at per claim, oldest first.
+CLAIM_WINDOW = 50
+# How long a worker waits before launching again after its executor could not take a job.
+EXECUTOR_RETRY_SECONDS = 10.0
 
 
 @dataclass
@@ -76,10 +89,12 @@ class Running:
     out_dir: Path
     attempt_started: float
     stop_sent_at: float | None = None
+    # Indices into the worker's device slots that this job holds.
+    slots: tuple[int, ...] = ()
 
 
-def make_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{new_id('w')[2:10]}"
+def make_worker_id(hostname: str | None = None) -> str:
+    return f"{hostname or socket.gethostname()}:{os.getpid()}:{new_id('w')[2:10]}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -97,28 +112,6 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
-def process_belongs_to(pid: int, job_id: str) -> bool:
-    """Whether process `pid` on this host was started for `job_id` (guards against pid reuse)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"GMNM_JOB_ID={job_id}".encode() in environ.split(b"\0")
-
-
-def resolve_command(command: list[str]) -> list[str]:
-    """Find a console script in this interpreter's environment before looking on PATH."""
-    program = command[0]
-    if os.sep not in program:
-        beside = Path(sys.executable).parent / program
-        if beside.exists():
-            return [str(beside), *command[1:]]
-        found = shutil.which(program)
-        if found:
-            return [found, *command[1:]]
-    return list(command)
-
-
 class Supervisor:
     """Runs jobs from the database on this host's devices."""
 
@@ -132,10 +125,19 @@ class Supervisor:
         self.settings = settings
         self.db = database
         self.layout = Layout(settings.data_dir)
-        self.executor = executor or make_executor(settings.executor, settings.job_niceness)
-        self.worker_id = worker_id or make_worker_id()
-        self.hostname = socket.gethostname()
+        self.executor = executor or make_executor(settings)
+        self.hostname = settings.worker_hostname
+        self.worker_id = worker_id or make_worker_id(self.hostname)
+        # The device slots jobs are placed on: this host's devices, or on a Ray cluster (which
+        # places the processes itself) one slot per job this worker may have submitted at once.
+        self.slots = (
+            list(settings.devices)
+            if settings.executor == "local"
+            else ["ray"] * settings.concurrency
+        )
         self.running: dict[str, Running] = {}
+        self._told_waiting: set[str] = set()
+        self._executor_retry_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_heartbeat = 0.0
@@ -211,14 +213,27 @@ class Supervisor:
 
     def _heartbeat(self, now: float) -> None:
         with self.db.write() as session:
-            session.execute(
+            beat = session.execute(
                 update(Worker).where(Worker.id == self.worker_id).values(heartbeat_at=now)
             )
+            if beat.rowcount == 0:  # type: ignore[attr-defined]
+                # Another worker took this one for dead (it was silent too long) and removed it.
+                logger.warning("worker %s was presumed dead; registering again", self.worker_id)
+                session.add(
+                    Worker(
+                        id=self.worker_id,
+                        hostname=self.hostname,
+                        pid=os.getpid(),
+                        started_at=now,
+                        heartbeat_at=now,
+                    )
+                )
             if self.running:
+                # Only jobs still held: one requeued while this worker was silent is another's.
                 session.execute(
                     update(Job)
-                    .where(Job.id.in_(list(self.running)))
-                    .values(heartbeat_at=now, worker_id=self.worker_id)
+                    .where(Job.id.in_(list(self.running)), Job.worker_id == self.worker_id)
+                    .values(heartbeat_at=now)
                 )
         self._last_heartbeat = now
 
@@ -254,6 +269,8 @@ class Supervisor:
                     continue
                 self._kill_orphan(job)
                 self._settle_lost(session, job, now)
+                if job.status != QUEUED:
+                    self.executor.stop_lost(job.id)
                 recovered.append(job.id)
             stale = [
                 worker.id
@@ -267,14 +284,23 @@ class Supervisor:
 
     def _kill_orphan(self, job: Job) -> None:
         # A job process can outlive a worker that was killed; it must not write beside the next
-        # attempt in the same directory.
+        # attempt in the same directory. torchrun's ranks lead sessions of their own, so every
+        # process carrying the job's id is found, not only the job's process group.
         host = (job.worker_id or "").partition(":")[0]
-        if job.pid and host == self.hostname and process_belongs_to(job.pid, job.id):
-            logger.warning("killing orphaned process group %d of job %s", job.pid, job.id)
-            signal_group(job.pid, signal.SIGKILL)
-            deadline = time.time() + 5
-            while group_alive(job.pid) and time.time() < deadline:
-                time.sleep(0.05)
+        if not job.pid or host != self.hostname:
+            return
+        groups = {job.pid} if process_belongs_to(job.pid, job.id) else set()
+        for pid in job_processes(job.id):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                continue  # it ended meanwhile
+        for group in sorted(groups):
+            logger.warning("killing orphaned process group %d of job %s", group, job.id)
+            signal_group(group, signal.SIGKILL)
+        deadline = time.time() + 5
+        while any(group_alive(group) for group in groups) and time.time() < deadline:
+            time.sleep(0.05)
 
     def _settle_lost(self, session: Session, job: Job, now: float) -> None:
         self._ingest(session, job, self.layout.job_dir(job.id))
@@ -308,35 +334,83 @@ class Supervisor:
 
     def _claim_and_launch(self) -> None:
         while not self._stop.is_set() and len(self.running) < self.settings.concurrency:
-            device = self._free_device()
-            if device is None:
+            if time.time() < self._executor_retry_at:
                 return
-            job = self.claim(device)
-            if job is None:
+            free = self._free_slots()
+            if not free:
                 return
-            self._launch(job, device)
+            claimed = self._claim(free)
+            if claimed is None:
+                return
+            self._launch(*claimed)
 
-    def _free_device(self) -> str | None:
-        busy = [running.device for running in self.running.values()]
-        per_device = max(1, -(-self.settings.concurrency // len(self.settings.devices)))
-        for device in self.settings.devices:
-            if busy.count(device) < per_device:
-                return device
+    def _free_slots(self) -> list[int]:
+        """Indices of the device slots that can take one more job process."""
+        per_slot = max(1, -(-self.settings.concurrency // len(self.slots)))
+        held = [slot for running in self.running.values() for slot in running.slots]
+        return [index for index in range(len(self.slots)) if held.count(index) < per_slot]
+
+    def slots_needed(self, kind: str, spec: dict[str, Any]) -> int:
+        """Device slots a job takes: one per process on a local host; one on a Ray cluster,
+        which places the processes itself."""
+        if self.settings.executor == "ray":
+            return 1
+        return processes_of(kind, spec)
+
+    def pick_slots(self, free: list[int], need: int) -> list[int] | None:
+        """`need` of the `free` slots, all of one kind (CPU or GPU), or None if they do not
+        have that many."""
+        by_kind: dict[str, list[int]] = {}
+        for index in free:
+            by_kind.setdefault(self.slots[index].partition(":")[0], []).append(index)
+        for indices in by_kind.values():
+            if len(indices) >= need:
+                return indices[:need]
         return None
 
-    def claim(self, device: str) -> Job | None:
-        """Take the oldest queued job for this worker, or None; no two workers get the same job."""
+    def claim(self, device: str | None = None) -> Job | None:
+        """Take the oldest queued job this worker can run now, or None; no two workers get the
+        same job. (`device` is accepted for callers that name one; the free slots decide.)"""
+        claimed = self._claim(self._free_slots())
+        return None if claimed is None else claimed[0]
+
+    def _claim(self, free: list[int]) -> tuple[Job, list[int]] | None:
+        """First come, first served: the oldest queued job this worker could ever place is
+        claimed when its devices are free, and younger jobs wait behind it rather than take the
+        devices it waits for. A job needing more devices than this worker has is left for
+        another worker."""
         with self.db.read() as session:
-            if session.scalars(select(Job.id).where(Job.status == QUEUED).limit(1)).first() is None:
+            queued = session.execute(
+                select(Job.id, Job.kind, Job.spec)
+                .where(Job.status == QUEUED)
+                .order_by(Job.created_at, Job.id)
+                .limit(CLAIM_WINDOW)
+            ).all()
+        everything = list(range(len(self.slots)))
+        for job_id, kind, spec in queued:
+            need = self.slots_needed(kind, spec or {})
+            if self.pick_slots(everything, need) is None:
+                self._tell_waiting(job_id, need)
+                continue
+            chosen = self.pick_slots(free, need)
+            if chosen is None:
                 return None
+            job = self._take(job_id, chosen)
+            if job is not None:
+                return job, chosen
+        return None
+
+    def _take(self, job_id: str, chosen: list[int]) -> Job | None:
+        """Mark a queued job as running here, unless another worker got it first."""
         with self.db.write() as session:
-            query = select(Job).where(Job.status == QUEUED).order_by(Job.created_at, Job.id)
+            query = select(Job).where(Job.id == job_id, Job.status == QUEUED)
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
-            job = session.scalars(query.limit(1)).first()
+            job = session.scalars(query).first()
             if job is None:
                 return None
             now = time.time()
+            device = describe_devices([self.slots[index] for index in chosen])
             job.status = RUNNING
             job.worker_id = self.worker_id
             job.device = device
@@ -351,34 +425,83 @@ class Supervisor:
             session.expunge(job)
             return job
 
-    def _launch(self, job: Job, device: str) -> None:
+    def _tell_waiting(self, job_id: str, need: int) -> None:
+        if job_id in self._told_waiting:
+            return
+        self._told_waiting.add(job_id)
+        devices = ",".join(self.settings.devices)
+        message = (
+            f"Waiting for a worker with {need} devices of one kind: worker {self.worker_id} has "
+            f"{len(self.slots)} (GMNM_DEVICES={devices}). List more devices there, or lower "
+            "hyperparameters.num_processes."
+        )
+        logger.warning("job %s: %s", job_id, message)
+        with self.db.write() as session:
+            self._event(session, job_id, message, level="warn")
+
+    def _launch(self, job: Job, chosen: list[int]) -> None:
         out_dir = self.layout.job_dir(job.id)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / protocol.CANCEL_FILE).unlink(missing_ok=True)
+        (out_dir / protocol.ERROR_FILE).unlink(missing_ok=True)
+        devices = [self.slots[index] for index in chosen]
+        requested = job.spec.get("device", "auto")
+        if self.settings.executor == "ray":
+            devices = [ray_spec_device(requested, self.settings.ray_gpus_per_process)]
+        spec = {**job.spec, "device": spec_device(requested, devices[0])}
         spec_path = out_dir / protocol.SPEC_FILE
-        spec = {**job.spec, "device": spec_device(job.spec.get("device", "auto"), device)}
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
-        command = resolve_command(self.settings.job_commands[job.kind])
-        command += ["--spec", str(spec_path), "--out", str(out_dir)]
+        arguments = ["--spec", str(spec_path), "--out", str(out_dir)]
         if job.resume and latest_checkpoint_dir(out_dir) is not None:
-            command.append("--resume")
-        launch = Launch(job.id, command, out_dir, device, env={"GMNM_JOB_ID": job.id})
+            arguments.append("--resume")
+        launch = Launch(
+            job_id=job.id,
+            kind=job.kind,
+            program=list(self.settings.job_commands[job.kind]),
+            arguments=arguments,
+            out_dir=out_dir,
+            devices=devices,
+            num_processes=processes_of(job.kind, job.spec),
+            num_nodes=requested_nodes(job.request),
+            env={"GMNM_JOB_ID": job.id},
+        )
         try:
             handle = self.executor.launch(launch)
+        except ExecutorUnavailableError as error:
+            self._requeue_untried(job.id, str(error))
+            return
         except OSError as error:
             with self.db.write() as session:
                 record = session.get(Job, job.id)
                 assert record is not None
                 record.error_code = "internal_error"
                 record.error_message = (
-                    f"Could not start the job program {command[0]!r}: {error}. Check that the "
-                    "project is installed in the server's environment (GMNM_JOB_COMMANDS)."
+                    f"Could not start the job program {launch.program[0]!r}: {error}. Check that "
+                    "the project is installed in the server's environment (GMNM_JOB_COMMANDS)."
                 )
                 self._finish(session, record, FAILED, time.time(), record.error_message, "error")
             return
-        self.running[job.id] = Running(job.id, handle, device, out_dir, time.time())
+        self.running[job.id] = Running(
+            job.id, handle, job.device or devices[0], out_dir, time.time(), slots=tuple(chosen)
+        )
         with self.db.write() as session:
             session.execute(update(Job).where(Job.id == job.id).values(pid=handle.pid))
+
+    def _requeue_untried(self, job_id: str, reason: str) -> None:
+        """Put back a job the executor could not take; it keeps its attempt."""
+        logger.warning("job %s could not be started (%s); it stays queued", job_id, reason)
+        self._executor_retry_at = time.time() + EXECUTOR_RETRY_SECONDS
+        with self.db.write() as session:
+            record = session.get(Job, job_id)
+            if record is None or record.status != RUNNING:
+                return
+            record.status = QUEUED
+            record.worker_id = None
+            record.device = None
+            record.attempts = max(0, record.attempts - 1)
+            if job_id not in self._told_waiting:
+                self._told_waiting.add(job_id)
+                self._event(session, job_id, f"Not started yet: {reason}; retrying.", level="warn")
 
     # watching running jobs
 
@@ -391,6 +514,9 @@ class Supervisor:
                 running.handle.kill()
                 self.running.pop(running.job_id, None)
                 return
+            if job.worker_id != self.worker_id:
+                self._let_go(running)
+                return
             self._ingest(session, job, running.out_dir)
             if exit_status is not None:
                 self._settle_exit(session, job, running, exit_status, now)
@@ -402,6 +528,20 @@ class Supervisor:
                 job.stop_requested_at = now
             if job.status == CANCELLING:
                 self._pass_on_stop(running, now)
+
+    def _let_go(self, running: Running) -> None:
+        """Drop a job another worker requeued while this one was silent (a pause, a lost
+        database connection): its attempt here must not write beside the next one. A job that
+        runs elsewhere (on a Ray cluster) is the same job the new worker watches, so it is left
+        running."""
+        logger.warning(
+            "job %s was taken over by another worker while this one was silent; %s",
+            running.job_id,
+            "stopping this attempt" if running.handle.pid else "no longer watching it",
+        )
+        if running.handle.pid:
+            running.handle.kill()
+        self.running.pop(running.job_id, None)
 
     def _pass_on_stop(self, running: Running, now: float) -> None:
         if running.stop_sent_at is None:
@@ -687,10 +827,36 @@ class Supervisor:
 
 
 def spec_device(requested: str, assigned: str) -> str:
-    """The device a job's spec names: its process sees only the assigned GPU, as `cuda`."""
+    """The device a job's spec names: its processes see only their assigned GPUs, as `cuda`."""
     if requested == "cpu" or assigned == "cpu":
         return "cpu" if requested in ("cpu", "auto") else requested
     return "cuda"
+
+
+def ray_spec_device(requested: str, gpus_per_process: float) -> str:
+    """The device of a job on a Ray cluster: a GPU when the worker asks Ray for GPUs
+    (GMNM_RAY_GPUS_PER_PROCESS) and the job did not ask for the CPU."""
+    if requested == "cpu" or (requested == "auto" and not gpus_per_process):
+        return "cpu"
+    return "cuda"
+
+
+def requested_nodes(request: dict[str, Any]) -> int:
+    """The nodes a fine-tune request asks to spread over (`hyperparameters.num_nodes`, Ray
+    clusters only), read as the spec builder reads the hyperparameters."""
+    hyperparameters = request.get("hyperparameters") or {}
+    supervised = (request.get("method") or {}).get("supervised") or {}
+    hyperparameters = supervised.get("hyperparameters") or hyperparameters
+    value = hyperparameters.get("num_nodes", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+def processes_of(kind: str, spec: dict[str, Any]) -> int:
+    """The processes a job runs: a fine-tune's `num_processes`, else one."""
+    if kind != "fine_tune":
+        return 1
+    hyperparameters = spec.get("hyperparameters") or {}
+    return max(1, int(hyperparameters.get("num_processes") or 1))
 
 
 def latest_checkpoint_dir(out_dir: Path) -> Path | None:
