@@ -1,6 +1,7 @@
 """Persistence: the tables, the engine, and transactions that are safe under several writers.
 
-SQLite runs in WAL mode with a busy timeout; every write transaction starts with
+SQLite runs in WAL mode with a busy timeout (30 s, or `?timeout=SECONDS` on the URL); every
+write transaction starts with
 `BEGIN IMMEDIATE`, so two writers queue on the database lock instead of failing when one upgrades
 a read to a write. On PostgreSQL the job claim locks rows with `FOR UPDATE SKIP LOCKED`.
 The schema is created and upgraded only by the Alembic migrations in `service/migrations`.
@@ -28,6 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -170,13 +172,26 @@ class Database:
         self.engine.dispose()
 
 
+DEFAULT_BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def sqlite_busy_timeout(url: str) -> tuple[str, float]:
+    """The URL without its `timeout` query parameter, and the busy timeout it asked for."""
+    parsed = make_url(url)
+    timeout = float(parsed.query.get("timeout", DEFAULT_BUSY_TIMEOUT_SECONDS))  # type: ignore[arg-type]
+    return parsed.difference_update_query(["timeout"]).render_as_string(False), timeout
+
+
 def _make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # How long a writer waits for another writer's lock before the request gives up (and is
+    # answered 503 with Retry-After).
+    url, busy_timeout = sqlite_busy_timeout(url)
     # One connection per request thread: the server's thread pool runs up to 40 handlers at once.
     engine = create_engine(
         url,
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args={"check_same_thread": False, "timeout": busy_timeout},
         pool_size=20,
         max_overflow=40,
     )
@@ -188,7 +203,7 @@ def _make_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

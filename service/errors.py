@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,26 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return envelope(400, message, param=param, code="invalid_value")
 
 
+# How long a client should wait before retrying a request the database could not take.
+DATABASE_RETRY_SECONDS = 2
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # A writer holding SQLite's lock past the busy timeout, a PostgreSQL lock or connection
+    # failure, or an exhausted connection pool: the transaction was rolled back, so the request
+    # changed nothing and can simply be sent again.
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, reason)
+    return envelope(
+        503,
+        f"The database is busy or unreachable ({reason}); nothing was changed. Retry in "
+        f"{DATABASE_RETRY_SECONDS} seconds.",
+        type="server_error",
+        code="database_unavailable",
+        headers={"Retry-After": str(DATABASE_RETRY_SECONDS)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return envelope(
@@ -160,4 +182,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

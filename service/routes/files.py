@@ -117,6 +117,11 @@ async def _store(upload: UploadFile, destination: Path, limit: int) -> tuple[int
     return size, digest.hexdigest()
 
 
+def _insert(context: Context, record: FileRecord) -> None:
+    with context.db.write() as session:
+        session.add(record)
+
+
 @router.post("", response_model=FilePublic, status_code=200)
 async def create_file(
     context: Context,
@@ -158,8 +163,13 @@ async def create_file(
         rows=rows,
         created_at=time.time(),
     )
-    with context.db.write() as session:
-        session.add(record)
+    try:
+        # In a worker thread: waiting for the database's write lock must not stall the server.
+        await run_in_threadpool(_insert, context, record)
+    except BaseException:
+        # Without its row the file is unreachable: remove it so a refused upload leaves nothing.
+        path.unlink(missing_ok=True)
+        raise
     logger.info("stored file %s (%s, %d bytes)", file_id, filename, size)
     return file_public(record)
 
