@@ -317,18 +317,21 @@ class Supervisor:
             )
             self._finish(session, job, FAILED, now, job.error_message, level="error")
             return
+        self._requeue(
+            session,
+            job,
+            "The worker running this job stopped; requeued to resume from its last checkpoint.",
+        )
+
+    def _requeue(self, session: Session, job: Job, message: str) -> None:
+        """Queue a job whose attempt ended abnormally to continue from its newest checkpoint."""
         job.status = QUEUED
         job.resume = True
         job.worker_id = None
         job.pid = None
         job.device = None
-        self._event(
-            session,
-            job.id,
-            "The worker running this job stopped; requeued to resume from its last checkpoint.",
-            level="warn",
-        )
-        logger.warning("job %s lost its worker; requeued (attempt %d)", job.id, job.attempts)
+        self._event(session, job.id, message, level="warn")
+        logger.warning("job %s requeued after attempt %d: %s", job.id, job.attempts, message)
 
     # claiming and launching
 
@@ -616,10 +619,22 @@ class Supervisor:
             job.error_param = error.get("param")
         elif exit_status < 0:
             name = signal.Signals(-exit_status).name
+            if job.attempts < self.settings.max_attempts:
+                # Killed from outside (the kernel's out-of-memory killer, an operator, a host
+                # being reclaimed): the next attempt continues from the newest checkpoint.
+                self._requeue(
+                    session,
+                    job,
+                    f"The job process was killed by {name}; requeued to resume from its last "
+                    f"checkpoint (attempt {job.attempts} of {self.settings.max_attempts}).",
+                )
+                return
             job.error_code = "process_killed"
             job.error_message = (
-                f"The job process was killed by {name} without writing an error (for SIGKILL, "
-                "often the host running out of memory: lower batch_size)."
+                f"The job process was killed by {name} without writing an error, and the job "
+                f"has been started {job.attempts} times (GMNM_MAX_ATTEMPTS="
+                f"{self.settings.max_attempts}); for SIGKILL the cause is often the host running "
+                "out of memory: lower batch_size, then resume it with POST .../resume."
             )
         else:
             job.error_code = "internal_error"
