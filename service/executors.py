@@ -133,6 +133,8 @@ def torchrun_command(command: list[str], num_processes: int) -> list[str]:
         "1",
         "--nproc-per-node",
         str(num_processes),
+        "--max-restarts",
+        "0",
         "--no-python",
         *command,
     ]
@@ -159,17 +161,20 @@ class TorchrunProcess(LocalProcess):
     """torchrun and its ranks. Each rank leads a session of its own, so signals go to torchrun's
     group and to every rank's group (a rank's data loader workers are in the rank's group)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], job_id: str, out_dir: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], job_id: str, out_dir: Path, num_processes: int
+    ) -> None:
         super().__init__(process)
         self.job_id = job_id
         self.out_dir = out_dir
+        self.num_processes = num_processes
         self.ranks: set[int] = set()
         self._stop_requested = False
 
     def _refresh_ranks(self) -> None:
         # Ranks are torchrun's direct children; remember them so that they can still be found
-        # once torchrun itself has gone.
-        if self._process.poll() is None:
+        # once torchrun itself has gone. torchrun never restarts them (--max-restarts 0).
+        if len(self.ranks) < self.num_processes and self._process.poll() is None:
             self.ranks |= set(children_of(self.pid))
 
     def poll(self) -> int | None:
@@ -244,7 +249,7 @@ class LocalExecutor:
             else "",
         )
         if launch.num_processes > 1:
-            return TorchrunProcess(process, launch.job_id, launch.out_dir)
+            return TorchrunProcess(process, launch.job_id, launch.out_dir, launch.num_processes)
         return LocalProcess(process)
 
     def stop_lost(self, job_id: str) -> None:

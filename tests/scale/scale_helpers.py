@@ -101,6 +101,7 @@ def fine_tune_body(model: Path, file_id: str, **hyperparameters: Any) -> dict[st
         "training_file": file_id,
         "task": "text-classification",
         "data": {"max_length": 16},
+        "conversion": {"gmnm": {"num_components": 4}},
         "hyperparameters": {"batch_size": 8, "log_interval": 1, **hyperparameters},
         "limits": {"max_eval_samples": 16},
         "seed": 1,
