@@ -6,6 +6,7 @@ them in one round trip.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ class SpecBuilder:
         if message is not None:
             self.problems.add(param, f"{param}: {message}", "model_not_found")
             return None
+        remote = remote_code_problem(reference) if is_local_reference(reference) else None
+        if remote is not None:
+            self.problems.add(param, f"{param}: {remote}", "remote_code_refused")
+            return None
         return reference
 
     def file(self, file_id: str | None, param: str) -> str | None:
@@ -103,7 +108,7 @@ def reference_problem(reference: str, model_dirs: list[Path]) -> str | None:
     if any(ord(char) < 32 for char in reference):
         return "a model reference must not contain control characters."
     path_text = reference.removeprefix("local-dir:")
-    if path_text.startswith(("/", "./", "~")) or path_text != reference:
+    if is_local_reference(reference):
         if ".." in Path(path_text).parts:
             return f"the local path '{reference}' contains '..'; give the directory itself."
         resolved = Path(path_text).expanduser().resolve()
@@ -114,12 +119,43 @@ def reference_problem(reference: str, model_dirs: list[Path]) -> str | None:
                 f"the local path '{reference}' is outside the directories models may be loaded "
                 f"from (GMNM_MODEL_DIRS: {where})."
             )
+        if not resolved.is_dir():
+            return f"the local path '{reference}' does not exist or is not a directory."
         return None
     try:
         validate_reference(reference, allow_local=False)
     except UnknownModelError as error:
         return str(error)
     return None
+
+
+def is_local_reference(reference: str) -> bool:
+    path_text = reference.removeprefix("local-dir:")
+    return path_text.startswith(("/", "./", "~")) or path_text != reference
+
+
+def remote_code_problem(reference: str) -> str | None:
+    """Why a local model directory is refused for needing code of its own, or None.
+
+    A config whose `auto_map` names classes transformers does not have can only be built by
+    running the Python files beside it, which this service never does.
+    """
+    config_file = Path(reference.removeprefix("local-dir:")).expanduser() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None  # the job reports a missing or unreadable config in its own words
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return None
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return None
+    return (
+        f"the model in '{reference}' needs remote code: its config.json maps its classes to "
+        "Python files shipped with it (auto_map), and this server never runs a model's own "
+        "code; use a model that transformers or timm can build by itself."
+    )
 
 
 # specs
