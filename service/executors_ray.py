@@ -8,10 +8,11 @@ same training loop on Ray Train workers. The job writes events and checkpoints t
 directory, which every Ray node mounts at the same path, and the supervisor reads them there as
 it does for a local job.
 
-Ray's job statuses map onto exit statuses: SUCCEEDED is EXIT_OK, FAILED is the entry point's
-exit status (error.json written here from Ray's message when the program wrote none), STOPPED
-(after `stop_job`) is EXIT_CANCELLED when the engine wrote its stop checkpoint. Ray sends SIGTERM
-on `stop_job` and SIGKILL after `RAY_JOB_STOP_WAIT_TIME_S` (set on the cluster's nodes).
+Ray's job statuses map onto exit statuses: PENDING and RUNNING are a running job, SUCCEEDED is
+EXIT_OK, FAILED is the entry point's exit status (error.json written here from Ray's message when
+the program wrote none), STOPPED after the service's `stop_job` is EXIT_CANCELLED when the newest
+checkpoint holds the last step trained (else a forced stop). Ray sends SIGTERM on `stop_job` and
+SIGKILL after `RAY_JOB_STOP_WAIT_TIME_S` (an environment variable of the cluster's nodes).
 
 The service only calls the Jobs API; Ray's dashboard is never proxied or exposed by it. With
 token authentication on the cluster (`RAY_AUTH_MODE=token`), give the token with
@@ -53,6 +54,7 @@ class RayJobHandle:
         self.out_dir = out_dir
         self._status: int | None = None
         self._asked_at = 0.0
+        self._stop_requested = False
 
     def poll(self) -> int | None:
         if self._status is not None:
@@ -83,6 +85,12 @@ class RayJobHandle:
         status = str(info.status)
         if status == "SUCCEEDED":
             return protocol.EXIT_OK
+        if status == "STOPPED" and not self._stop_requested:
+            return self._fail(
+                "internal_error",
+                f"The Ray job {self.submission_id} was stopped on the cluster, not through this "
+                "service; resume the job to continue from its last checkpoint.",
+            )
         if status == "STOPPED":
             if _stopped_with_checkpoint(self.out_dir):
                 return protocol.EXIT_CANCELLED
@@ -120,6 +128,7 @@ class RayJobHandle:
             self._stop()
 
     def _stop(self) -> None:
+        self._stop_requested = True
         try:
             self.client.stop_job(self.submission_id)
         except (RuntimeError, OSError) as error:

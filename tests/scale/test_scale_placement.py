@@ -15,7 +15,12 @@ from scale_helpers import fake_commands
 
 from service.app import create_app
 from service.db import QUEUED, RUNNING, SUCCEEDED, Database, EventRecord, Job, upgrade
-from service.executors import Launch, device_environment, torchrun_command
+from service.executors import (
+    ExecutorUnavailableError,
+    Launch,
+    device_environment,
+    torchrun_command,
+)
 from service.executors_ray import RayExecutor
 from service.ray_train import placement_strategy
 from service.settings import Settings
@@ -204,6 +209,26 @@ def test_a_worker_whose_job_was_taken_over_stops_its_attempt_and_leaves_the_job_
     assert job_id not in supervisor.running
     after = job(db, job_id)
     assert (after.status, after.worker_id, after.attempts) == (RUNNING, "elsewhere:1:w", 2)
+
+
+class UnavailableExecutor(RecordingExecutor):
+    def launch(self, launch: Launch) -> RecordedHandle:
+        raise ExecutorUnavailableError("the Ray cluster at http://head:8265 did not answer")
+
+
+def test_a_job_the_executor_cannot_take_now_goes_back_to_the_queue_unspent(tmp_path: Path) -> None:
+    config = settings(tmp_path)
+    db = database(config)
+    supervisor = Supervisor(config, db, executor=UnavailableExecutor())
+    job_id = queue(db, "later", 1)
+    supervisor.tick()
+    after = job(db, job_id)
+    assert (after.status, after.attempts, after.worker_id) == (QUEUED, 0, None)
+    with db.read() as session:
+        messages = [event.message for event in session.query(EventRecord).filter_by(job_id=job_id)]
+    assert any("did not answer" in message for message in messages)
+    supervisor.tick()  # backing off: no second try at once
+    assert job(db, job_id).status == QUEUED
 
 
 def test_torchrun_command_runs_the_job_program_as_every_rank() -> None:
