@@ -42,7 +42,7 @@ def start(client: TestClient, body: dict[str, Any]) -> str:
     return str(response.json()["id"])
 
 
-def test_ray_executor_runs_a_fine_tune_under_ray_train_and_cancels_another_job(
+def test_ray_executor_runs_fine_tunes_under_ray_train_and_cancels_another_job(
     ray_head: RayHead, tmp_path: Path, tiny_bert: Path
 ) -> None:
     settings = Settings(
@@ -70,6 +70,9 @@ def test_ray_executor_runs_a_fine_tune_under_ray_train_and_cancels_another_job(
         long = start(
             client, fine_tune_body(tiny_bert, file_id, max_steps=5000, checkpoint_interval=2500)
         )
+        broken = fine_tune_body(tiny_bert, file_id, num_processes=2, max_steps=4)
+        broken["data"]["text_column"] = "review"  # the file has "text"
+        failing = start(client, broken)
 
         # cancel: the service's stop becomes Ray's stop_job; the engine checkpoints on SIGTERM
         wait_for(
@@ -100,6 +103,11 @@ def test_ray_executor_runs_a_fine_tune_under_ray_train_and_cancels_another_job(
         checkpoints = client.get(f"/v1/fine_tuning/jobs/{parallel}/checkpoints").json()["data"]
         assert sorted(c["step_number"] for c in checkpoints) == [2, 4]
         assert "valid_loss" in done["metrics"]
+
+        # a rank's own error reaches the job through Ray Train and the driver
+        failed = wait_for(lambda: get(client, failing), lambda j: j["status"] in FINAL, 300, "fail")
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "invalid_data" and "review" in failed["error"]["message"]
 
     info = cluster.get_job_info(parallel)  # the service's job id is the submission id
     assert str(info.status) == "SUCCEEDED"
