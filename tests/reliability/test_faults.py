@@ -144,7 +144,10 @@ def test_a_job_killed_on_every_attempt_fails_with_a_clear_code_after_the_attempt
         assert "SIGKILL" in job["error"]["message"] and "2 times" in job["error"]["message"]
     finally:
         server.stop()
-    record("fault_job_sigkill_every_attempt", {"injected": kills, "outcome": "failed"})
+    record(
+        "fault_job_sigkill_every_attempt",
+        {"injected": kills, "lost_data": 0, "outcome": "failed with process_killed"},
+    )
 
 
 # the whole server killed while a checkpoint is being written
@@ -391,6 +394,8 @@ def test_requests_wait_for_a_database_locked_a_few_seconds_and_succeed(tmp_path:
     record(
         "fault_database_locked_3s",
         {
+            "injected": 1,
+            "lost_data": 0,
             "requests": len(answers),
             "failed": sum(1 for r, _ in answers.values() if r.status_code >= 400),
             "slowest_seconds": round(max(t for _, t in answers.values()), 2),
@@ -428,5 +433,11 @@ def test_a_database_locked_past_the_busy_timeout_answers_503_with_retry_after(
         server.stop()
     record(
         "fault_database_locked_past_timeout",
-        {"requests": len(answers), "answered_503_with_retry_after": 3, "changed_state": 0},
+        {
+            "injected": 1,
+            "lost_data": 0,
+            "requests": len(answers),
+            "answered_503_with_retry_after": 3,
+            "changed_state": 0,
+        },
     )
