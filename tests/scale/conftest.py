@@ -8,13 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from scale_helpers import (
-    POSTGRES_URL,
-    RayHead,
-    build_tiny_bert,
-    postgres_available,
-    postgres_schema,
-)
+from postgres_helpers import SKIP_REASON, postgres_available, postgres_schema
+from scale_helpers import RayHead, build_tiny_bert
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,10 +34,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL database URL whose tables live in a schema made for this test alone."""
     if not postgres_available():
-        pytest.skip(
-            f"no PostgreSQL answers at {POSTGRES_URL}; start one there or set "
-            "GMNM_TEST_POSTGRES_URL to run the shared-queue tests"
-        )
+        pytest.skip(SKIP_REASON)
     with postgres_schema() as url:
         yield url
 

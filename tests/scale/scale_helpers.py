@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_JOB = ROOT / "tests" / "service" / "fake_job.py"
 ENGINE = {"fine_tune": "train", "evaluation": "eval", "conversion": "convert"}
-POSTGRES_URL = os.environ.get(
-    "GMNM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 GOOD = ["good", "great", "fine", "lovely", "superb"]
 BAD = ["bad", "awful", "poor", "dreadful", "ugly"]
@@ -142,48 +139,6 @@ def processes_with_env(name: str, value: str) -> list[int]:
         if wanted in environ.split(b"\0") and state not in ("Z", "X"):
             found.append(int(entry.name))
     return found
-
-
-# PostgreSQL
-
-
-def postgres_available() -> bool:
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except (SQLAlchemyError, OSError):
-        return False
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A schema of its own for one test, migrated; yields a database URL that uses only it."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    from service.db import Database, upgrade
-
-    schema = f"gmnm_scale_{secrets.token_hex(6)}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as connection:
-        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    rendered = url.render_as_string(hide_password=False)
-    database = Database(rendered)
-    upgrade(database)
-    database.dispose()
-    try:
-        yield rendered
-    finally:
-        with admin.begin() as connection:
-            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 # worker processes

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import DATABASE, POSTGRES_URL, fast_settings, postgres_available
+from postgres_helpers import SKIP_REASON, postgres_available, postgres_schema
+from service_helpers import DATABASE, fast_settings
 
 from service.app import create_app
-from service.db import Database, upgrade
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,18 +22,13 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "sqlite"
         return
     if not postgres_available():
-        pytest.skip(f"no PostgreSQL answers at {POSTGRES_URL} (set GMNM_TEST_POSTGRES_URL)")
-    database = Database(POSTGRES_URL)
-    with database.engine.begin() as connection:
-        for table in ("events", "checkpoints", "jobs", "files", "workers", "alembic_version"):
-            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
-    upgrade(database)
-    database.dispose()
-    DATABASE["url"] = POSTGRES_URL
-    try:
-        yield "postgresql"
-    finally:
-        DATABASE["url"] = None
+        pytest.skip(SKIP_REASON)
+    with postgres_schema() as url:
+        DATABASE["url"] = url
+        try:
+            yield "postgresql"
+        finally:
+            DATABASE["url"] = None
 
 
 @pytest.fixture

@@ -30,22 +30,6 @@ def fake_commands(*knobs: str) -> dict[str, list[str]]:
 # The database the fixtures point the service at (None: SQLite in the data directory); the
 # `backend` fixture sets it for the tests it parametrizes.
 DATABASE: dict[str, str | None] = {"url": None}
-POSTGRES_URL = os.environ.get(
-    "GMNM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-
-
-def postgres_available() -> bool:
-    from sqlalchemy import create_engine
-
-    try:
-        engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:  # any failure to connect means there is no server to test against
-        return False
 
 
 def fast_settings(data_dir: Path, **overrides: Any) -> Settings:

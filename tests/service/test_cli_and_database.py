@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from service_helpers import POSTGRES_URL, postgres_available
+from postgres_helpers import SKIP_REASON, postgres_available, postgres_schema
 from sqlalchemy import create_engine, inspect
 
 from service.cli import main
@@ -98,19 +98,18 @@ def test_worker_command_runs_jobs_and_stops_cleanly_on_sigterm(tmp_path: Path) -
     assert left == 0
 
 
-@pytest.mark.skipif(
-    not postgres_available(),
-    reason=f"no PostgreSQL answers at {POSTGRES_URL} (set GMNM_TEST_POSTGRES_URL)",
-)
+@pytest.mark.skipif(not postgres_available(), reason=SKIP_REASON)
 def test_postgres_migrations_and_claims_with_skip_locked(tmp_path: Path) -> None:
+    with postgres_schema() as url:  # migrated from empty
+        _claim_twenty_jobs_with_three_supervisors(tmp_path, url)
+
+
+def _claim_twenty_jobs_with_three_supervisors(tmp_path: Path, url: str) -> None:
     from service.db import QUEUED, Job
     from service.supervisor import Supervisor
 
-    database = Database(POSTGRES_URL)
-    with database.engine.begin() as connection:
-        for table in ("events", "checkpoints", "jobs", "files", "workers", "alembic_version"):
-            connection.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
-    upgrade(database)
+    database = Database(url)
+    upgrade(database)  # a second upgrade finds nothing to do
     with database.write() as session:
         for index in range(20):
             session.add(
@@ -128,7 +127,7 @@ def test_postgres_migrations_and_claims_with_skip_locked(tmp_path: Path) -> None
                     result_files=[],
                 )
             )
-    settings = Settings(data_dir=tmp_path, database_url=POSTGRES_URL)
+    settings = Settings(data_dir=tmp_path, database_url=url)
     claimed: list[str] = []
     lock = threading.Lock()
 
