@@ -264,12 +264,26 @@ def list_checkpoints(
 
 
 def latest_checkpoint(session: Session, job_id: str) -> CheckpointRecord | None:
-    return session.scalars(
-        select(CheckpointRecord)
-        .where(CheckpointRecord.job_id == job_id)
-        .order_by(CheckpointRecord.step.desc())
-        .limit(1)
-    ).first()
+    return latest_checkpoints(session, [job_id]).get(job_id)
+
+
+def latest_checkpoints(session: Session, job_ids: list[str]) -> dict[str, CheckpointRecord]:
+    """The newest checkpoint of each job, in one query however many jobs a page holds."""
+    if not job_ids:
+        return {}
+    newest = (
+        select(CheckpointRecord.job_id, func.max(CheckpointRecord.step).label("step"))
+        .where(CheckpointRecord.job_id.in_(job_ids))
+        .group_by(CheckpointRecord.job_id)
+        .subquery()
+    )
+    rows = session.scalars(
+        select(CheckpointRecord).join(
+            newest,
+            (CheckpointRecord.job_id == newest.c.job_id) & (CheckpointRecord.step == newest.c.step),
+        )
+    )
+    return {row.job_id: row for row in rows}
 
 
 def _seconds(value: float | None) -> int | None:
@@ -316,9 +330,17 @@ def _common(job: Job) -> dict[str, Any]:
     }
 
 
+def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    checkpoints = latest_checkpoints(session, [job.id for job in jobs])
+    return [_job_public(job, checkpoints.get(job.id)) for job in jobs]
+
+
 def job_public(session: Session, job: Job) -> JobPublic:
+    return _job_public(job, latest_checkpoint(session, job.id))
+
+
+def _job_public(job: Job, checkpoint: CheckpointRecord | None) -> JobPublic:
     common = _common(job)
-    checkpoint = latest_checkpoint(session, job.id)
     checkpoint_id = None if checkpoint is None else checkpoint.id
     request = job.request
     if job.kind == "conversion":

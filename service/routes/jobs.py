@@ -31,6 +31,7 @@ from service.jobs import (
     event_seq,
     get_job,
     job_public,
+    jobs_public,
     list_checkpoints,
     list_events,
     list_jobs,
@@ -224,7 +225,7 @@ def _add_common_routes(router: APIRouter, kind: str, public: type[BaseModel]) ->
     ) -> Any:
         with context.db.read() as session:
             jobs, has_more = list_jobs(session, kind, owner, after, limit, status)
-            return page([job_public(session, job) for job in jobs], has_more)
+            return page(jobs_public(session, jobs), has_more)
 
     def stop(reason: str) -> Callable[..., Any]:
         def handler(job_id: str, context: Context, owner: Owner) -> Any:
