@@ -65,8 +65,10 @@ def experiment_table(experiment: dict[str, Any]) -> str:
     ]
     for name, entry in experiment["variants"].items():
         reached = entry["steps_to_baseline"]
+        # a dagger marks a rate that was still the grid's end after every extension
+        edge = " †" if entry.get("lr_at_sweep_edge") else ""
         rows.append(
-            f"| {name} | {entry['parameters']:,} | {entry['lr']:g} | "
+            f"| {name} | {entry['parameters']:,} | {entry['lr']:.3g}{edge} | "
             f"{format_metric(metric, entry['test'])} | "
             f"{'not reached' if reached is None else f'{reached:,}'} | "
             f"{entry['train_seconds']['mean']:.1f} s | {entry['time_ratio_vs_baseline']:.2f}x |"
