@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --quick      # one seed, one learning rate, a tenth of the steps
     python benchmarks/accuracy.py --only digits,charlm
     python benchmarks/accuracy.py --tables     # print the Markdown tables of the saved JSON
+    python benchmarks/accuracy.py --plots      # redraw the PNGs from the saved JSON
 
 Experiments (see `accuracy_lib/experiments.py` for the exact variants and budgets):
 1. mnist1d: MLPs and CNNs with ReLU, with GMNM activations, and an MLP of GMNMLayers.
@@ -112,14 +113,14 @@ def run_conversion_group(quick: bool) -> dict[str, Any]:
 
 def draw_figures(result: dict[str, Any], out: Path) -> None:
     """One PNG per figure name, drawn once every experiment that feeds it has finished."""
-    figures: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    figures: dict[str, list[tuple[str, str, dict[str, Any], float]]] = {}
     for experiment in result["experiments"].values():
         if "figure" not in experiment:
             continue
         panels = figures.setdefault(experiment["figure"], [])
-        for title, names in experiment["panels"]:
+        for title, names, start in experiment["panels"]:
             variants = {n: experiment["variants"][n] for n in names}
-            panels.append((title, experiment["metric"], variants))
+            panels.append((title, experiment["metric"], variants, start))
     for name, panels in figures.items():
         report.plot_figure(out / name, panels)
     conversion = result["experiments"].get("conversion")
@@ -151,6 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a new temporary directory with --quick)",
     )
     parser.add_argument("--tables", action="store_true", help="print the saved JSON's tables")
+    parser.add_argument("--plots", action="store_true", help="redraw the saved JSON's figures")
     args = parser.parse_args(argv)
     args.only = [g.strip() for g in args.only.split(",") if g.strip()]
     unknown = sorted(set(args.only) - set(GROUPS))
@@ -166,6 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out
+    if args.plots:
+        draw_figures(json.loads((out / "accuracy.json").read_text()), out)
+        return 0
     if args.tables:
         log(report.markdown(json.loads((out / "accuracy.json").read_text())))
         return 0

@@ -39,7 +39,8 @@ class Experiment:
     task: tasks.Task
     variants: list[Variant]
     budget: Budget
-    panels: list[tuple[str, list[str]]]  # plot panels: (title, variant names)
+    # plot panels: (title, variant names, fraction of training where the x axis starts)
+    panels: list[tuple[str, list[str], float]]
     figure: str  # the PNG this experiment draws into (several experiments may share one)
 
 
@@ -121,8 +122,8 @@ def mnist1d(quick: bool) -> Experiment:
         variants,
         _budget(quick, 3000, 100, (1e-3, 3e-3, 1e-2), eval_points=30),
         [
-            ("MLPs", ["mlp_relu", "mlp_gmnm", "mlp_gmnm_layer"]),
-            ("CNNs", ["cnn_relu", "cnn_gmnm", "cnn_gmnm_on_relu"]),
+            ("MLPs", ["mlp_relu", "mlp_gmnm", "mlp_gmnm_layer"], 0.0),
+            ("CNNs", ["cnn_relu", "cnn_gmnm", "cnn_gmnm_on_relu"], 0.0),
         ],
         "accuracy_mnist1d.png",
     )
@@ -156,7 +157,7 @@ def digits(quick: bool) -> Experiment:
         tasks.digits_task(),
         variants,
         _budget(quick, 1000, 64, (3e-3, 1e-2, 3e-2), eval_points=20),
-        [("CNNs", [v.name for v in variants])],
+        [("CNNs", [v.name for v in variants], 0.0)],
         "accuracy_digits.png",
     )
 
@@ -198,7 +199,7 @@ def functions(quick: bool) -> list[Experiment]:
                     quick_steps=1000,
                     max_extensions=4,
                 ),
-                [(key, [v.name for v in variants])],
+                [(key, [v.name for v in variants], 0.0)],
                 "accuracy_functions.png",
             )
         )
@@ -246,7 +247,10 @@ def charlm(quick: bool) -> Experiment:
         ),
         variants,
         budget,
-        [("bits per character", [v.name for v in variants])],
+        [
+            ("whole run", [v.name for v in variants], 0.0),
+            ("second half, enlarged", [v.name for v in variants], 0.5),
+        ],
         "accuracy_charlm.png",
     )
 

@@ -311,7 +311,12 @@ def summarise(
             "loss_first": [_json_float(r.loss_first) for r in result.runs],
             "loss_last": [_json_float(r.loss_last) for r in result.runs],
             "diverged_runs": sum(r.diverged for r in result.runs),
-            "curve": {"steps": steps, "mean": mean.tolist(), "std": std.tolist()},
+            "curve": {
+                "steps": steps,
+                "mean": mean.tolist(),
+                "std": std.tolist(),
+                "per_seed": [r.curve for r in result.runs if not r.diverged],
+            },
         }
     return out
 

@@ -18,20 +18,22 @@ METRIC_LABELS = {
 }
 
 
-def plot_figure(path: Path, panels: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """panels: (title, metric, {variant: its JSON entry}); one line and band per variant."""
+def plot_figure(path: Path, panels: list[tuple[str, str, dict[str, Any], float]]) -> None:
+    """panels: (title, metric, {variant: its JSON entry}, fraction of training where the x axis
+    starts). One line per variant (the mean over seeds) and a band from the lowest to the highest
+    seed's curve."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, (title, metric, variants) in zip(axes[0], panels, strict=True):
+    for ax, (title, metric, variants, start) in zip(axes[0], panels, strict=True):
         for name, entry in variants.items():
             curve = entry["curve"]
             if not curve["steps"]:
                 continue
-            steps, mean, std = curve["steps"], curve["mean"], curve["std"]
+            first = next(i for i, s in enumerate(curve["steps"]) if s >= start * curve["steps"][-1])
+            steps, mean = curve["steps"][first:], curve["mean"][first:]
+            seeds = [c[first:] for c in curve.get("per_seed") or [mean]]
+            low = [min(values) for values in zip(*seeds, strict=True)]
+            high = [max(values) for values in zip(*seeds, strict=True)]
             (line,) = ax.plot(steps, mean, label=f"{name} ({entry['parameters']:,} p.)")
-            low = [m - s for m, s in zip(mean, std, strict=True)]
-            high = [m + s for m, s in zip(mean, std, strict=True)]
-            if metric == "mse":
-                low = [max(v, 1e-12) for v in low]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
         if metric == "mse":
             ax.set_yscale("log")
