@@ -25,8 +25,14 @@ TRAINING_EXPERIMENTS = {
 }
 FIGURES = ("mnist1d", "digits", "functions", "charlm", "conversion")
 
+# benchmarks/ also holds scripts named like the project's packages (surgery.py, service.py): it
+# may be on the import path only while accuracy_lib is imported, or later tests would import
+# those scripts instead of the packages.
 sys.path.insert(0, str(SCRIPT.parent))
-from accuracy_lib import conversion, protocol  # noqa: E402
+try:
+    from accuracy_lib import conversion, protocol
+finally:
+    sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
