@@ -221,6 +221,8 @@ def _make_engine(url: str) -> Engine:
 
 def upgrade(database: Database) -> None:
     """Bring the schema to the newest migration (what `gmnm db upgrade` runs)."""
+    # Alembic announces each of its plugins at INFO on every start; the migrations it runs stay.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
 
