@@ -73,6 +73,30 @@ class LoadedModel:
     converted: bool
     manifest: dict[str, Any] | None
 
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        source: SourceInfo,
+        *,
+        converted: bool = False,
+        manifest: dict[str, Any] | None = None,
+    ) -> LoadedModel:
+        """Record where `model` came from on the model itself (`surgery.save` reads it back)."""
+        setattr(model, SOURCE_ATTR, source)
+        return cls(
+            model=model,
+            library=source.library,
+            reference=source.reference,
+            revision=source.revision,
+            task=source.task,
+            num_labels=source.num_labels,
+            processor=source.processor,
+            data_config=source.data_config,
+            converted=converted,
+            manifest=manifest,
+        )
+
 
 def validate_reference(ref: str, *, allow_local: bool = True) -> None:
     """Check the syntax of a model reference without loading anything.
@@ -245,19 +269,7 @@ def _load(
             ref, pretrained, revision, task, trust_remote_code, num_labels
         )
     source.task = task or source.task
-    setattr(model, SOURCE_ATTR, source)
-    return LoadedModel(
-        model=model,
-        library=source.library,
-        reference=source.reference,
-        revision=source.revision,
-        task=source.task,
-        num_labels=source.num_labels,
-        processor=source.processor,
-        data_config=source.data_config,
-        converted=False,
-        manifest=None,
-    )
+    return LoadedModel.attach(model, source)
 
 
 def check_timm_task(ref: str, task: str | None) -> None:

@@ -37,7 +37,6 @@ from surgery.errors import ManifestError, UnsupportedModelError
 from surgery.inputs import is_timm_model, is_transformers_model
 from surgery.loading import (
     MANIFEST_FILE,
-    SOURCE_ATTR,
     TASKS,
     LoadedModel,
     SourceInfo,
@@ -271,19 +270,7 @@ def load_saved(
         processor=processor,
         data_config=data_config,
     )
-    setattr(model, SOURCE_ATTR, source)
-    return LoadedModel(
-        model=model,
-        library=source.library,
-        reference=source.reference,
-        revision=source.revision,
-        task=source.task,
-        num_labels=source.num_labels,
-        processor=processor,
-        data_config=data_config,
-        converted=bool(record["sites"]),
-        manifest=manifest,
-    )
+    return LoadedModel.attach(model, source, converted=bool(record["sites"]), manifest=manifest)
 
 
 def _quiet_transformers() -> Any:
