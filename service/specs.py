@@ -58,6 +58,8 @@ class SpecBuilder:
         self.owner = owner
         self.root = data_root
         self.problems = Problems()
+        # checkpoint directories by the ids the caller used, so that no server path shows
+        self.model_names: dict[str, str] = {}
 
     # references
 
@@ -73,7 +75,9 @@ class SpecBuilder:
                     "model_not_found",
                 )
                 return None
-            return str(self.root / record.path)
+            directory = str(self.root / record.path)
+            self.model_names[directory] = reference
+            return directory
         message = reference_problem(reference, self.settings.model_dirs)
         if message is not None:
             self.problems.add(param, f"{param}: {message}", "model_not_found")
@@ -315,13 +319,16 @@ def fine_tune_spec(builder: SpecBuilder, request: FineTuningJobCreate) -> dict[s
     }
     spec = {
         "model": model,
+        "model_names": builder.model_names or None,
         "revision": request.revision,
         "pretrained": request.pretrained,
         "task": request.task,
         "data": _clean(data),
         "hyperparameters": hyperparameters,
         "conversion": _conversion(request.conversion),
-        "limits": _limits(builder, request.limits),
+        # max_steps given outright is checked above; the steps that epochs come to depend on
+        # the data's size, which only the engine knows, so it refuses those itself
+        "limits": {**_limits(builder, request.limits), "max_steps": builder.settings.max_steps},
         "seed": request.seed if request.seed is not None else secrets.randbelow(2**31),
         "device": _device(request.device),
     }
@@ -341,6 +348,7 @@ def conversion_spec(builder: SpecBuilder, request: ConversionCreate) -> dict[str
     )
     spec = {
         "model": model,
+        "model_names": builder.model_names or None,
         "revision": request.revision,
         "pretrained": request.pretrained,
         "task": request.task,
@@ -371,6 +379,7 @@ def evaluation_spec(builder: SpecBuilder, request: EvaluationCreate) -> dict[str
         limits["max_eval_samples"] = request.max_samples
     spec = {
         "model": model,
+        "model_names": builder.model_names or None,
         "compare_to": compare_to,
         "task": request.task,
         "data": _clean({**data_options, "validation": {**(source or {}), **columns}}),

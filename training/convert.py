@@ -51,7 +51,9 @@ def run_conversion(
         raise SpecError(
             f"model: {spec.model!r} is already converted; convert the original model instead"
         )
-    events.message(f"loaded {spec.model} ({loaded.library}, revision {loaded.revision or '-'})")
+    events.message(
+        f"loaded {spec.name_of(spec.model)} ({loaded.library}, revision {loaded.revision or '-'})"
+    )
 
     # plan: which sites would be replaced
     conversion = spec.conversion
@@ -82,7 +84,7 @@ def run_conversion(
         "reason": "conversion",
         "task": spec.task,
         "labels": None,
-        "model": spec.model,
+        "model": spec.name_of(spec.model),
         "converted": True,
         "conversion": report,
     }

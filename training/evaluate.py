@@ -73,7 +73,9 @@ def _evaluate_job(
     task = spec.resolved_task()
     precision = resolve_precision(spec.precision, ctx.device)
     events = EventLog(out_dir, enabled=ctx.is_main)
-    events.message(f"evaluating {spec.model} for {task} on {ctx.device} ({precision})")
+    events.message(
+        f"evaluating {spec.name_of(spec.model)} for {task} on {ctx.device} ({precision})"
+    )
 
     # read the data; a checkpoint of this engine brings its own class list
     seed_everything(spec.seed)
@@ -100,7 +102,7 @@ def _evaluate_job(
         events.metrics(
             None,
             dict(result["metrics"]),
-            f"{reference}: "
+            f"{spec.name_of(reference)}: "
             + ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
             + f"; {result['latency_ms_per_batch']:.1f} ms per batch of {spec.batch_size}",
         )
@@ -183,7 +185,7 @@ def _evaluate_one(
     )
     latency = _latency_ms(model, job.library, dataset, pre.collate, spec, ctx, autocast)
     return {
-        "reference": reference,
+        "reference": spec.name_of(reference),
         "converted": job.converted,
         "conversion": job.report,
         "metrics": metrics,

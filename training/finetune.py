@@ -278,7 +278,7 @@ def _fine_tune(
         events.message("no checkpoint to resume from; starting from the beginning")
     where = f"from checkpoint step {start.step}" if start else "from the beginning"
     events.message(
-        f"fine-tuning {spec.model} for {task} on {ctx.device} ({precision}, "
+        f"fine-tuning {spec.name_of(spec.model)} for {task} on {ctx.device} ({precision}, "
         f"{ctx.world_size} process{'es' if ctx.world_size > 1 else ''}), {where}",
         step=start.step if start else 0,
     )
@@ -357,6 +357,13 @@ def _fine_tune(
             f"gradient_accumulation_steps {hp.gradient_accumulation_steps}); lower them or add data"
         )
     total_steps = hp.max_steps or hp.epochs * steps_per_epoch
+    if spec.limits.max_steps is not None and total_steps > spec.limits.max_steps:
+        # an explicit max_steps over the limit was refused with the spec; epochs meet it here
+        raise SpecError(
+            f"hyperparameters.epochs: {hp.epochs} epochs of {steps_per_epoch} optimizer steps "
+            f"are {total_steps} steps, above this job's limit of {spec.limits.max_steps} "
+            "(limits.max_steps); ask for fewer epochs or set hyperparameters.max_steps"
+        )
     warmup = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -447,7 +454,7 @@ def _fine_tune(
             "labels": splits.classes,
             "total_steps": total_steps,
             "epoch": round(trained_samples / len(train_set), 4),
-            "model": spec.model,
+            "model": spec.name_of(spec.model),
             "converted": job.converted,
             "conversion": conversion_report,
         }

@@ -343,6 +343,12 @@ class Limits(_Strict):
     )
     max_train_samples: int | None = Field(default=None, ge=1)
     max_eval_samples: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Refuse, before training, a fine-tune whose optimizer steps (max_steps, or "
+        "epochs x steps per epoch) would exceed this.",
+    )
 
 
 class _ModelJob(_Strict):
@@ -356,11 +362,19 @@ class _ModelJob(_Strict):
         default=True, description="false: random weights from the config alone."
     )
     trust_remote_code: bool = False
+    model_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="What events and results call a model reference (the service names its "
+        "checkpoint directories by their ids); a reference not listed is shown as it is.",
+    )
     seed: int = Field(default=0, ge=0, lt=2**32)
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     precision: Precision = Field(
         default="auto", description="auto: bf16 on CUDA when supported, else fp32."
     )
+
+    def name_of(self, reference: str) -> str:
+        return self.model_names.get(reference, reference)
 
     @field_validator("device")
     @classmethod
@@ -467,6 +481,26 @@ class FineTuneSpec(_DataJob):
             )
         _problems("Hyperparameters", problems, hp.model_dump())
         return hp
+
+    @field_validator("limits")
+    @classmethod
+    def _steps_within_limit(cls, limits: Limits, info: ValidationInfo) -> Limits:
+        hp = info.data.get("hyperparameters")
+        if hp is None or limits.max_steps is None or hp.max_steps is None:
+            return limits  # steps that epochs come to are checked once the data is read
+        if hp.max_steps > limits.max_steps:
+            _problems(
+                "Limits",
+                [
+                    (
+                        ("max_steps",),
+                        f"hyperparameters.max_steps {hp.max_steps} is above the limit of "
+                        f"{limits.max_steps} steps; ask for fewer steps",
+                    )
+                ],
+                limits.model_dump(),
+            )
+        return limits
 
 
 class EvaluateSpec(_DataJob):

@@ -139,6 +139,10 @@ def test_upload_convert_fine_tune_download_load_and_evaluate(
 
     events = http.get(f"{created.headers['location']}/events", params={"limit": 100}).json()
     assert [e["step"] for e in events["data"] if e["type"] == "metrics" and "loss" in str(e)]
+    # the job names its model by the checkpoint id the caller gave, never by a server path
+    messages = " ".join(event["message"] for event in events["data"])
+    assert f"fine-tuning {converted['checkpoint_id']} " in messages
+    assert str(server.data_dir) not in messages
     checkpoints = http.get(f"{created.headers['location']}/checkpoints").json()["data"]
     assert [c["step_number"] for c in checkpoints] == [4, 2]
     final = checkpoints[0]
@@ -175,6 +179,7 @@ def test_upload_convert_fine_tune_download_load_and_evaluate(
     evaluated = wait_job(http, evaluation.headers["location"])
     assert evaluated["status"] == "succeeded", evaluated
     assert evaluated["result"]
+    assert str(server.data_dir) not in json.dumps(evaluated)
 
 
 def _job_pid(data_dir: Path, job_id: str) -> int | None:

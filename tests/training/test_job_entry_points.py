@@ -100,6 +100,27 @@ def test_bad_data_exits_2_naming_the_line(tmp_path: Path, tiny_bert: Path) -> No
 
 
 @pytest.mark.slow
+def test_epochs_past_the_step_limit_exit_2_before_training(
+    tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path]
+) -> None:
+    train, _ = reviews
+    spec = {
+        "model": str(tiny_bert),
+        "device": "cpu",
+        "data": {"train": {"path": str(train)}, "max_length": 16},
+        "hyperparameters": {"batch_size": 4, "epochs": 50},
+        "limits": {"max_steps": 20},
+    }
+    status, stderr = _finish(_job("train", spec, tmp_path / "job"))
+    assert status == EXIT_INVALID, stderr[-3000:]
+    error = read_json(tmp_path / "job" / ERROR_FILE)
+    assert error["code"] == "invalid_spec"
+    assert error["message"].startswith("hyperparameters.epochs: 50 epochs of ")
+    assert "above this job's limit of 20 (limits.max_steps)" in error["message"]
+    assert not list_checkpoints(tmp_path / "job")
+
+
+@pytest.mark.slow
 def test_unknown_model_exits_1_with_model_not_found(tmp_path: Path) -> None:
     spec = {
         "model": "nobody/no-such-model",

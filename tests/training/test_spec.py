@@ -56,6 +56,19 @@ def test_every_problem_is_reported_at_once_with_its_field_path() -> None:
     assert caught.value.code == "invalid_spec"
 
 
+def test_max_steps_above_the_limit_is_refused_with_the_spec() -> None:
+    bad = _fine_tune(hyperparameters={"max_steps": 50}, limits={"max_steps": 20})
+    with pytest.raises(SpecError) as caught:
+        parse_spec(FineTuneSpec, bad)
+    assert "limits.max_steps: hyperparameters.max_steps 50 is above the limit of 20" in (
+        caught.value.message
+    )
+    within = parse_spec(
+        FineTuneSpec, _fine_tune(hyperparameters={"max_steps": 20}, limits={"max_steps": 20})
+    )
+    assert within.limits.max_steps == 20
+
+
 def test_combinations_inside_hyperparameters_are_all_listed() -> None:
     bad = _fine_tune(
         hyperparameters={
