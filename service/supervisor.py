@@ -640,7 +640,8 @@ class Supervisor:
             job.error_code = "internal_error"
             job.error_message = (
                 f"The job process exited with status {exit_status} without writing error.json; "
-                f"its log is {out_dir / 'job.log'} on the worker."
+                f"its log is {(out_dir / 'job.log').relative_to(self.layout.root)} in the "
+                "worker's data directory (ask the operator)."
             )
         self._finish(session, job, FAILED, now, f"Job failed: {job.error_message}", "error")
 
