@@ -169,7 +169,10 @@ def prepare_data(
             elif data.validation_fraction > 0:
                 train, validation = split_fraction(train, data.validation_fraction, seed)
     if data.validation is not None:
-        validation = load_source(data.validation, task, work_dir).train
+        # a named set as the validation source means its own held-out split (MNIST-1D's test
+        # split, a data set's validation split) unless the source names a split itself
+        loaded = load_source(data.validation, task, work_dir)
+        validation = loaded.train if loaded.held_out is None else loaded.held_out
     if train is not None and max_train is not None and len(train) > max_train:
         train = train.subset(range(max_train))
     if validation is not None and max_eval is not None and len(validation) > max_eval:

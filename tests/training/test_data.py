@@ -13,7 +13,8 @@ from PIL import Image
 from training.archive import ArchiveLimits
 from training.data import inspect_file, load_source, resolve_classes, split_fraction
 from training.errors import DataError
-from training.spec import DataSource
+from training.runtime import prepare_data
+from training.spec import DataSource, DataSpec
 
 
 def _png(value: int = 128, size: int = 6) -> bytes:
@@ -250,3 +251,31 @@ def test_save_to_disk_directory_loads_with_class_names_and_held_out_split(tmp_pa
 def test_unreachable_hub_data_set_says_what_to_do_instead(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="upload a file or a save_to_disk folder"):
         load_source(DataSource(hf_dataset="nobody/no-such-set"), "text-classification", tmp_path)
+
+
+def test_a_data_set_named_for_validation_gives_its_held_out_split(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    train = datasets.Dataset.from_dict(
+        {"text": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features
+    )
+    test = datasets.Dataset.from_dict({"text": ["awful"], "label": [0]}, features=features)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "ds")
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text('{"text": "great", "label": "pos"}\n{"text": "poor", "label": "neg"}\n')
+
+    def validation_of(source: dict) -> list:
+        data = DataSpec(train={"path": str(reviews)}, validation=source)
+        splits = prepare_data(data, "text-classification", seed=0, work_dir=tmp_path)
+        assert splits.validation is not None and splits.train is not None
+        assert splits.train.inputs == ["great", "poor"]
+        return list(splits.validation.inputs)
+
+    assert validation_of({"hf_dataset": str(tmp_path / "ds")}) == ["awful"]
+    assert validation_of({"hf_dataset": str(tmp_path / "ds"), "split": "train"}) == [
+        "bad",
+        "good",
+        "fine",
+    ]
