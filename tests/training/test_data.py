@@ -231,15 +231,22 @@ def test_seeded_fraction_split_is_reproducible_and_disjoint() -> None:
     assert not set(kept.locations) & set(held.locations)
 
 
-def test_save_to_disk_directory_loads_with_class_names_and_held_out_split(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+def _save_reviews(directory: Path, text_column: str, test: dict[str, list]) -> None:
+    """A save_to_disk data set with neg/pos class names: three train rows and the given test."""
+    import datasets
+
     features = datasets.Features(
-        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+        {text_column: datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
     )
-    split = datasets.Dataset.from_dict(
-        {"sentence": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features
-    )
-    datasets.DatasetDict({"train": split, "test": split.select([0])}).save_to_disk(tmp_path / "ds")
+    train = {text_column: ["bad", "good", "fine"], "label": [0, 1, 1]}
+    splits = {"train": train, "test": {text_column: test["text"], "label": test["label"]}}
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(rows, features=features) for name, rows in splits.items()}
+    ).save_to_disk(directory)
+
+
+def test_save_to_disk_directory_loads_with_class_names_and_held_out_split(tmp_path: Path) -> None:
+    _save_reviews(tmp_path / "ds", "sentence", {"text": ["bad"], "label": [0]})
     loaded = load_source(
         DataSource(hf_dataset=str(tmp_path / "ds")), "text-classification", tmp_path
     )
@@ -254,15 +261,7 @@ def test_unreachable_hub_data_set_says_what_to_do_instead(tmp_path: Path) -> Non
 
 
 def test_a_data_set_named_for_validation_gives_its_held_out_split(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
-    )
-    train = datasets.Dataset.from_dict(
-        {"text": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features
-    )
-    test = datasets.Dataset.from_dict({"text": ["awful"], "label": [0]}, features=features)
-    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "ds")
+    _save_reviews(tmp_path / "ds", "text", {"text": ["awful"], "label": [0]})
     reviews = tmp_path / "reviews.jsonl"
     reviews.write_text('{"text": "great", "label": "pos"}\n{"text": "poor", "label": "neg"}\n')
 
