@@ -19,6 +19,14 @@ SENTENCES = [
     "Gaussian mixtures can replace the activations of a network.",
     "Where is the nearest train station?",
 ]
+# fit's calibration batch: other sentences than the ones compared, as a user's own data would be
+CALIBRATION = [
+    "The weather was cold and the streets were empty.",
+    "Please send the report before the meeting on Monday.",
+    "Attention layers weigh every token against every other one.",
+    "She planted tomatoes, beans and a row of sunflowers.",
+    "Checkpoints are written to a temporary name and then renamed.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +66,11 @@ def test_converted_minilm_gives_the_same_sentence_embeddings(
         surgery.plan(model, probe_inputs=batch),
         GMNMConfig(num_components=8, init=init),
         probe_inputs=batch,
-        calibration_inputs=batch if init == "fit" else None,
+        calibration_inputs=(
+            dict(minilm.processor(CALIBRATION, padding=True, return_tensors="pt"))
+            if init == "fit"
+            else None
+        ),
     )
     assert report.audit == []
     cosine = (_embeddings(model, batch) * expected).sum(-1)
