@@ -134,6 +134,12 @@ def test_cancelling_a_torchrun_job_stops_every_rank_after_a_checkpoint_and_it_re
     )
     processes = job_processes(job_id)
     assert len(processes) >= 3, processes  # torchrun and its two ranks
+    # torchrun started the ranks (gmnm-train alone would start them itself, without it)
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in processes]
+    assert sum(b"torch.distributed.run" in command for command in commands) == 1, commands
+    ranks = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in processes]
+    elastic = [e for e in ranks if any(v.startswith(b"TORCHELASTIC_RUN_ID=") for v in e)]
+    assert len(elastic) >= 2, "no two processes carry torchrun's rendezvous environment"
 
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelling"
     stopped = wait_for(lambda: get(client, job_id), lambda job: job["status"] in FINAL, 90, "stop")
