@@ -222,6 +222,7 @@ def test_server_killed_mid_fine_tune_resumes_the_job_after_restart(tmp_path: Pat
     http = httpx.Client(base_url=first.url, timeout=60)
     uploaded = upload(http)
     body = fine_tune_body(str(MODEL_DIR), uploaded["id"], max_steps=6, checkpoint_interval=2)
+    body["conversion"] = {"targets": ["activation", "softmax"], "gmnm": {"num_components": 4}}
     created = http.post("/v1/fine_tuning/jobs", json=body)
     job_id = created.json()["id"]
     path = f"/v1/fine_tuning/jobs/{job_id}"
@@ -247,6 +248,12 @@ def test_server_killed_mid_fine_tune_resumes_the_job_after_restart(tmp_path: Pat
         assert job["attempts"] == 2
         events = http.get(f"{path}/events", params={"limit": 100}).json()["data"]
         assert any("worker running this job stopped" in event["message"] for event in events)
+        # the second attempt continued from a checkpoint of the first, not from the beginning
+        assert any(
+            event["message"].startswith("fine-tuning ")
+            and ", from checkpoint step " in event["message"]
+            for event in events
+        ), [event["message"] for event in events]
         checkpoints = http.get(f"{path}/checkpoints").json()["data"]
         assert checkpoints[0]["step_number"] == 6
     finally:
@@ -257,5 +264,7 @@ def test_server_killed_mid_fine_tune_resumes_the_job_after_restart(tmp_path: Pat
     directories = sorted((tmp_path / "data" / "jobs" / job_id / "checkpoints").iterdir())
     complete = [path for path in directories if ".tmp-" not in path.name]
     assert [path.name for path in complete] == ["step-2", "step-4", "step-6"]
+    # the job converted the model on the fly, and each checkpoint is the converted model
     for directory in complete:
-        surgery.load(directory)
+        kinds = [type(module).__name__ for module in surgery.load(directory).modules()]
+        assert kinds.count("GMNMActivation") == 6 and kinds.count("GMNMSoftmax") == 6

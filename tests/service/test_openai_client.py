@@ -55,9 +55,16 @@ def test_fine_tune_flow_through_the_openai_client(client: OpenAI) -> None:
         validation_file=validation.id,
         hyperparameters={"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 2.0},
         seed=11,
-        extra_body={"task": "text-classification"},
+        extra_body={
+            "task": "text-classification",
+            "conversion": {"targets": ["activation"], "gmnm": {"num_components": 4}},
+        },
     )
     assert job.object == "fine_tuning.job" and job.status == "queued" and job.seed == 11
+    # the service's own fields travel beside OpenAI's and come back on the job
+    assert job.task == "text-classification"  # type: ignore[attr-defined]
+    assert job.conversion["targets"] == ["activation"]  # type: ignore[attr-defined]
+    assert job.conversion["gmnm"]["num_components"] == 4  # type: ignore[attr-defined]
     assert job.hyperparameters.batch_size == 2
 
     done = client.fine_tuning.jobs.retrieve(job.id)
