@@ -69,6 +69,11 @@ def test_hadolint_reports_nothing_beyond_the_documented_ignores() -> None:
 def test_image_is_multi_stage_from_a_pinned_slim_python(dockerfile: DockerfileParser) -> None:
     froms = _instructions(dockerfile, "FROM")
     assert len(froms) >= 2
+    # every stage starts from the one pinned base (a stage may also start from an earlier one)
+    stages = [entry["value"].split()[-1] for entry in froms if " AS " in entry["value"].upper()]
+    for entry in froms:
+        image = entry["value"].split()[0]
+        assert image == "${PYTHON_IMAGE}" or image in stages, entry["value"]
     default_base = _arg_default(dockerfile, "PYTHON_IMAGE") or ""
     name, _, tag = default_base.partition(":")
     assert name == "python" and tag.startswith("3.11.") and "slim" in tag
@@ -138,7 +143,9 @@ def test_gpu_override_reserves_nvidia_gpus_for_api_and_worker() -> None:
     services = _compose("compose.gpu.yaml")["services"]
     for name in ("api", "worker"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert any("gpu" in device["capabilities"] for device in devices)
+        assert any(
+            device["driver"] == "nvidia" and "gpu" in device["capabilities"] for device in devices
+        )
         assert services[name]["build"]["args"]["TORCH_VARIANT"] == "cuda"
 
 
@@ -163,6 +170,19 @@ def _image_command(dockerfile: DockerfileParser, data_dir: Path, port: int) -> l
     return command
 
 
+def _image_environment(dockerfile: DockerfileParser, data_dir: Path) -> dict[str, str]:
+    """This environment with the runtime stage's ENV lines, /data swapped for `data_dir`; PATH
+    stays this machine's (the image's names /opt/venv, which the test's venv stands in for)."""
+    image = {
+        name: str(data_dir) + value[len("/data") :] if value.startswith("/data") else value
+        for name, value in dockerfile.envs.items()
+        if name != "PATH"
+    }
+    assert image["GMNM_DATA_DIR"] == str(data_dir)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GMNM_")}
+    return {**environment, **image}
+
+
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -185,8 +205,7 @@ def test_image_command_serves_health_and_an_authorised_conversion(
     data_dir.mkdir()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "GMNM_API_KEYS": KEY, "HF_HOME": str(data_dir / "huggingface")}
-    env.pop("GMNM_ALLOW_NO_AUTH", None)
+    env = {**_image_environment(dockerfile, data_dir), "GMNM_API_KEYS": KEY}
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -211,6 +230,8 @@ def test_image_command_serves_health_and_an_authorised_conversion(
         assert job["status"] == "succeeded", job
         assert job["report"]["sites_replaced"]
         assert job["checkpoint_id"]
+        # everything the image keeps went under the volume: database, job, extension cache
+        assert (data_dir / "gmnm.db").is_file() and (data_dir / "jobs" / job["id"]).is_dir()
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -233,3 +254,30 @@ def test_image_command_refuses_to_listen_on_all_interfaces_without_keys(
     )
     assert result.returncode != 0
     assert "GMNM_API_KEYS" in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(180)
+def test_image_command_without_keys_starts_when_a_proxy_authenticates(
+    dockerfile: DockerfileParser, tmp_path: Path
+) -> None:
+    """GMNM_ALLOW_NO_AUTH=1 is the one way to run the image without keys: requests need none."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**_image_environment(dockerfile, tmp_path), "GMNM_ALLOW_NO_AUTH": "1"}
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            _image_command(dockerfile, tmp_path, port), env=env, stdout=sink, stderr=sink
+        )
+    try:
+        _wait_healthy(url, process, log)
+        listed = httpx.get(f"{url}/v1/conversions", timeout=30)
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["data"] == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
