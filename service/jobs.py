@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db import (
@@ -84,20 +85,8 @@ def create_job(
     """Insert a queued job; returns (job, created). A repeated idempotency key returns the first."""
     digest = request_hash(kind, body)
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
-        ).first()
+        existing = _job_for_key(session, owner, idempotency_key, digest)
         if existing is not None:
-            if existing.request_hash != digest:
-                raise ApiError(
-                    409,
-                    f"Idempotency-Key '{idempotency_key}' was already used with a different "
-                    f"request (job {existing.id}); use a new key for a new request.",
-                    type="conflict_error",
-                    param="Idempotency-Key",
-                    code="idempotency_key_reused",
-                    headers=NO_RETRY,
-                )
             return existing, False
 
     active = session.scalar(
@@ -129,11 +118,41 @@ def create_job(
         events_offset=0,
         result_files=[],
     )
-    session.add(job)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        # A request with the same key inserted its job after the lookup above and committed
+        # (PostgreSQL lets concurrent retries both pass the lookup; SQLite's write lock does
+        # not): answer as the lookup would have, with that job or a 409.
+        existing = None
+        if idempotency_key is not None:
+            existing = _job_for_key(session, owner, idempotency_key, digest)
+        if existing is None:
+            raise
+        return existing, False
     session.add(_event(job.id, f"Created {KIND_NAMES[kind]} {job.id}."))
     session.flush()
     return job, True
+
+
+def _job_for_key(session: Session, owner: str, idempotency_key: str, digest: str) -> Job | None:
+    """The job an earlier request with this key created, if any; 409 if its body differed."""
+    existing = session.scalars(
+        select(Job).where(Job.owner == owner, Job.idempotency_key == idempotency_key)
+    ).first()
+    if existing is not None and existing.request_hash != digest:
+        raise ApiError(
+            409,
+            f"Idempotency-Key '{idempotency_key}' was already used with a different "
+            f"request (job {existing.id}); use a new key for a new request.",
+            type="conflict_error",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+            headers=NO_RETRY,
+        )
+    return existing
 
 
 def _event(job_id: str, message: str, level: str = "info") -> EventRecord:
