@@ -1,7 +1,7 @@
 """Does GMNM help? Accuracy and convergence against fixed activations on real data, CPU only.
 
     python benchmarks/accuracy.py              # the full run (5 seeds, learning-rate sweeps)
-    python benchmarks/accuracy.py --quick      # one seed, one learning rate, a tenth of the steps
+    python benchmarks/accuracy.py --quick      # one seed, one learning rate, far fewer steps
     python benchmarks/accuracy.py --only digits,charlm
     python benchmarks/accuracy.py --tables     # print the Markdown tables of the saved JSON
     python benchmarks/accuracy.py --plots      # redraw the PNGs from the saved JSON
