@@ -8,12 +8,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from service_helpers import fake_commands, fast_settings, process_running, upload, wait_for
 
+import service.supervisor
 from service.db import QUEUED, RUNNING, Database, Job, upgrade
+from service.executors import Launch
 from service.supervisor import Supervisor
 
 JSONL = b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'
@@ -159,13 +163,14 @@ def test_job_whose_attempts_are_spent_fails_with_worker_lost(
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
 
 
-def test_concurrent_claims_never_hand_out_a_job_twice(tmp_path: Path) -> None:
-    database = _database(tmp_path)
+def _queue(database: Database, count: int) -> list[str]:
+    """Queue `count` bare fine-tunes, oldest first; returns their ids in that order."""
+    ids = [f"ftjob-{index:03d}" for index in range(count)]
     with database.write() as session:
-        for index in range(40):
+        for index, job_id in enumerate(ids):
             session.add(
                 Job(
-                    id=f"ftjob-{index:03d}",
+                    id=job_id,
                     kind="fine_tune",
                     owner="local",
                     status=QUEUED,
@@ -178,6 +183,12 @@ def test_concurrent_claims_never_hand_out_a_job_twice(tmp_path: Path) -> None:
                     result_files=[],
                 )
             )
+    return ids
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(tmp_path: Path) -> None:
+    database = _database(tmp_path)
+    _queue(database, 40)
     settings = fast_settings(tmp_path / "data")
     claimed: list[str] = []
     lock = threading.Lock()
@@ -226,3 +237,89 @@ def test_unknown_job_program_fails_the_job_with_a_message(
     job_id = start_job(client)
     done = wait_for(lambda: get(client, job_id), lambda job: job["status"] == "failed")
     assert "gmnm-no-such-program" in done["error"]["message"]
+
+
+class _Endless:
+    """An executor whose jobs run until told otherwise, with nothing on this host."""
+
+    pid = 0
+
+    def launch(self, launch: Launch) -> _Endless:
+        return self
+
+    def poll(self) -> int | None:
+        return None
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def stop_lost(self, job_id: str) -> None:
+        pass
+
+
+class _Skewed:
+    """The supervisor's view of the time on a host whose wall clock is `offset` seconds off."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, offset: float) -> None:
+        self.monkeypatch = monkeypatch
+        self.clock = SimpleNamespace(
+            time=lambda: time.time() + offset, monotonic=time.monotonic, sleep=time.sleep
+        )
+
+    def __enter__(self) -> None:
+        self.monkeypatch.setattr(service.supervisor, "time", self.clock)
+
+    def __exit__(self, *exc: object) -> None:
+        self.monkeypatch.setattr(service.supervisor, "time", time)
+
+
+@pytest.mark.parametrize(
+    ("worker_offset", "judge_offset"),
+    [(-3600.0, 0.0), (0.0, 3600.0)],
+    ids=["worker-clock-behind", "judge-clock-ahead"],
+)
+def test_a_heartbeating_worker_keeps_its_job_however_far_the_hosts_clocks_differ(
+    tmp_path: Path,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    worker_offset: float,
+    judge_offset: float,
+) -> None:
+    database = _database(tmp_path)
+    (job_id,) = _queue(database, 1)
+    settings = {"worker_timeout_seconds": 1.0, "heartbeat_seconds": 0.1}
+    worker = Supervisor(
+        fast_settings(tmp_path / "data", worker_hostname="host-a", **settings),
+        database,
+        executor=_Endless(),
+    )
+    judge = Supervisor(
+        fast_settings(tmp_path / "data", worker_hostname="host-b", **settings),
+        database,
+        executor=_Endless(),
+    )
+    with _Skewed(monkeypatch, worker_offset):
+        worker._register()
+        worker.tick()
+    assert job_id in worker.running
+
+    # for twice the timeout the worker heartbeats and the other host finds nothing lost
+    deadline = time.monotonic() + 2 * settings["worker_timeout_seconds"]
+    while time.monotonic() < deadline:
+        with _Skewed(monkeypatch, worker_offset):
+            worker.tick()
+        with _Skewed(monkeypatch, judge_offset):
+            assert judge.recover_lost_jobs() == []
+        time.sleep(0.05)
+
+    # once it falls silent for longer than the timeout, its job is requeued
+    time.sleep(1.5 * settings["worker_timeout_seconds"])
+    with _Skewed(monkeypatch, judge_offset):
+        assert judge.recover_lost_jobs() == [job_id]
+    with database.read() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.status, job.worker_id) == (QUEUED, None)
+    database.dispose()
