@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -260,20 +261,15 @@ class _Endless:
         pass
 
 
-class _Skewed:
-    """The supervisor's view of the time on a host whose wall clock is `offset` seconds off."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, offset: float) -> None:
-        self.monkeypatch = monkeypatch
-        self.clock = SimpleNamespace(
-            time=lambda: time.time() + offset, monotonic=time.monotonic, sleep=time.sleep
-        )
-
-    def __enter__(self) -> None:
-        self.monkeypatch.setattr(service.supervisor, "time", self.clock)
-
-    def __exit__(self, *exc: object) -> None:
-        self.monkeypatch.setattr(service.supervisor, "time", time)
+@contextmanager
+def _clock_off_by(offset: float) -> Iterator[None]:
+    """The supervisor's wall clock, as on a host whose clock is `offset` seconds off."""
+    clock = SimpleNamespace(
+        time=lambda: time.time() + offset, monotonic=time.monotonic, sleep=time.sleep
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service.supervisor, "time", clock)
+        yield
 
 
 @pytest.mark.parametrize(
@@ -284,7 +280,6 @@ class _Skewed:
 def test_a_heartbeating_worker_keeps_its_job_however_far_the_hosts_clocks_differ(
     tmp_path: Path,
     backend: str,
-    monkeypatch: pytest.MonkeyPatch,
     worker_offset: float,
     judge_offset: float,
 ) -> None:
@@ -301,7 +296,7 @@ def test_a_heartbeating_worker_keeps_its_job_however_far_the_hosts_clocks_differ
         database,
         executor=_Endless(),
     )
-    with _Skewed(monkeypatch, worker_offset):
+    with _clock_off_by(worker_offset):
         worker._register()
         worker.tick()
     assert job_id in worker.running
@@ -309,15 +304,15 @@ def test_a_heartbeating_worker_keeps_its_job_however_far_the_hosts_clocks_differ
     # for twice the timeout the worker heartbeats and the other host finds nothing lost
     deadline = time.monotonic() + 2 * settings["worker_timeout_seconds"]
     while time.monotonic() < deadline:
-        with _Skewed(monkeypatch, worker_offset):
+        with _clock_off_by(worker_offset):
             worker.tick()
-        with _Skewed(monkeypatch, judge_offset):
+        with _clock_off_by(judge_offset):
             assert judge.recover_lost_jobs() == []
         time.sleep(0.05)
 
     # once it falls silent for longer than the timeout, its job is requeued
     time.sleep(1.5 * settings["worker_timeout_seconds"])
-    with _Skewed(monkeypatch, judge_offset):
+    with _clock_off_by(judge_offset):
         assert judge.recover_lost_jobs() == [job_id]
     with database.read() as session:
         job = session.get(Job, job_id)
