@@ -112,7 +112,7 @@ def test_a_job_process_killed_mid_step_resumes_from_its_last_checkpoint(tmp_path
         assert steps == [8, 6, 4, 2]
     finally:
         server.stop()
-    record("fault_job_sigkill", {"injected": 1, "lost_data": 0, "outcome": job["status"]})
+    record("fault_job_sigkill", {"injected": 1, "outcome": job["status"]})
 
 
 def test_a_job_killed_on_every_attempt_fails_with_a_clear_code_after_the_attempt_limit(
@@ -149,7 +149,7 @@ def test_a_job_killed_on_every_attempt_fails_with_a_clear_code_after_the_attempt
         server.stop()
     record(
         "fault_job_sigkill_every_attempt",
-        {"injected": kills, "lost_data": 0, "outcome": "failed with process_killed"},
+        {"injected": kills, "outcome": "failed with process_killed"},
     )
 
 
@@ -201,7 +201,7 @@ def test_server_killed_during_a_checkpoint_write_lists_only_complete_checkpoints
     assert not list(checkpoints.glob("*.tmp-*")), "the partial checkpoint was left behind"
     record(
         "fault_server_sigkill_during_checkpoint",
-        {"injected": 1, "checkpoints_listed": len(listed), "incomplete": 0, "lost_data": 0},
+        {"injected": 1, "checkpoints_listed": len(listed)},
     )
 
 
@@ -317,7 +317,6 @@ def test_disk_full_during_a_checkpoint_fails_the_job_with_disk_full_and_keeps_ea
             "injected": 1,
             "outcome": job["error"]["code"],
             "checkpoints_kept": len(listed),
-            "lost_data": 0,
         },
     )
 
@@ -398,7 +397,6 @@ def test_requests_wait_for_a_database_locked_a_few_seconds_and_succeed(tmp_path:
         "fault_database_locked_3s",
         {
             "injected": 1,
-            "lost_data": 0,
             "requests": len(answers),
             "failed": sum(1 for r, _ in answers.values() if r.status_code >= 400),
             "slowest_seconds": round(max(t for _, t in answers.values()), 2),
@@ -438,7 +436,6 @@ def test_a_database_locked_past_the_busy_timeout_answers_503_with_retry_after(
         "fault_database_locked_past_timeout",
         {
             "injected": 1,
-            "lost_data": 0,
             "requests": len(answers),
             "answered_503_with_retry_after": 3,
             "changed_state": 0,
