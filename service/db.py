@@ -4,6 +4,7 @@ SQLite runs in WAL mode with a busy timeout (30 s, or `?timeout=SECONDS` on the 
 write transaction starts with
 `BEGIN IMMEDIATE`, so two writers queue on the database lock instead of failing when one upgrades
 a read to a write. On PostgreSQL the job claim locks rows with `FOR UPDATE SKIP LOCKED`.
+Heartbeats are stamped with the database's clock (`Database.clock`), never a worker host's.
 The schema is created and upgraded only by the Alembic migrations in `service/migrations`.
 """
 
@@ -30,6 +31,7 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -167,6 +169,17 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def clock(self, session: Session) -> float:
+        """The database's time in seconds since the epoch: the one clock that workers' heartbeats
+        are written and judged by, since the hosts sharing a PostgreSQL queue may disagree on
+        the time by more than the worker timeout. (SQLite's clock is this host's own.)"""
+        if self.is_sqlite:
+            query = text("SELECT (julianday('now') - 2440587.5) * 86400.0")
+        else:
+            # clock_timestamp(), not now(): now() stays at the start of the transaction.
+            query = text("SELECT extract(epoch FROM clock_timestamp())")
+        return float(session.execute(query).scalar_one())
 
     def dispose(self) -> None:
         self.engine.dispose()

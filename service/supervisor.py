@@ -2,12 +2,14 @@
 
 One loop, started inside `gmnm serve` or alone as `gmnm worker`, against the same database:
 
-1. heartbeat: this worker's row and every job it runs;
+1. heartbeat: this worker's row and every job it runs, stamped with the database's clock;
 2. watch each running job: copy new events and checkpoints from its output directory into the
    database, pass on cancel/pause requests (CANCEL file and SIGTERM to the process group, SIGKILL
    after the grace period), enforce the time limit, and settle the job when its process exits;
 3. recover jobs whose worker stopped heartbeating (or died on this host): requeue them to resume
-   from their last checkpoint, or fail them with `worker_lost` once their attempts are spent;
+   from their last checkpoint, or fail them with `worker_lost` once their attempts are spent.
+   A heartbeat's age is measured on the database's clock too, so hosts whose clocks disagree
+   never take each other for dead;
 4. claim queued jobs while a device is free, atomically, and launch them.
 
 Every job process is reaped, and its process group is killed when it ends, so no process of a job
@@ -21,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -140,7 +143,8 @@ class Supervisor:
         self._executor_retry_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_heartbeat = 0.0
+        # When this worker last sent its heartbeat, on this host's monotonic clock.
+        self._last_heartbeat = -math.inf
         self.last_tick: float | None = None
 
     # lifecycle
@@ -185,10 +189,11 @@ class Supervisor:
         self._shutdown()
 
     def tick(self) -> None:
-        now = time.time()
-        self.last_tick = now
-        if now - self._last_heartbeat >= self.settings.heartbeat_seconds:
-            self._heartbeat(now)
+        self.last_tick = time.time()
+        # Paced by the monotonic clock: a wall clock set back would silence the heartbeat until
+        # it caught up, and other workers would take this one for dead.
+        if time.monotonic() - self._last_heartbeat >= self.settings.heartbeat_seconds:
+            self._heartbeat()
             self.recover_lost_jobs()
         for running in list(self.running.values()):
             self._watch(running)
@@ -198,9 +203,9 @@ class Supervisor:
 
     def _register(self) -> None:
         self.layout.create()
-        self._last_heartbeat = 0.0
-        now = time.time()
+        self._last_heartbeat = -math.inf
         with self.db.write() as session:
+            now = self.db.clock(session)
             session.add(
                 Worker(
                     id=self.worker_id,
@@ -211,8 +216,9 @@ class Supervisor:
                 )
             )
 
-    def _heartbeat(self, now: float) -> None:
+    def _heartbeat(self) -> None:
         with self.db.write() as session:
+            now = self.db.clock(session)
             beat = session.execute(
                 update(Worker).where(Worker.id == self.worker_id).values(heartbeat_at=now)
             )
@@ -235,9 +241,10 @@ class Supervisor:
                     .where(Job.id.in_(list(self.running)), Job.worker_id == self.worker_id)
                     .values(heartbeat_at=now)
                 )
-        self._last_heartbeat = now
+        self._last_heartbeat = time.monotonic()
 
     def _is_lost(self, job: Job, workers: dict[str, Worker], now: float) -> bool:
+        """Whether the job's worker is gone; `now` is the database's clock, as the heartbeats."""
         if job.worker_id is None:
             return True
         worker = workers.get(job.worker_id)
@@ -253,9 +260,9 @@ class Supervisor:
 
     def recover_lost_jobs(self) -> list[str]:
         """Requeue (or fail) the running jobs of workers that are gone; returns their ids."""
-        now = time.time()
         recovered: list[str] = []
         with self.db.write() as session:
+            now = self.db.clock(session)
             workers = {worker.id: worker for worker in session.scalars(select(Worker))}
             query = select(Job).where(
                 Job.status.in_((RUNNING, CANCELLING)), Job.worker_id != self.worker_id
@@ -268,7 +275,7 @@ class Supervisor:
                 if job.id in self.running or not self._is_lost(job, workers, now):
                     continue
                 self._kill_orphan(job)
-                self._settle_lost(session, job, now)
+                self._settle_lost(session, job, time.time())
                 if job.status != QUEUED:
                     self.executor.stop_lost(job.id)
                 recovered.append(job.id)
@@ -419,7 +426,7 @@ class Supervisor:
             job.device = device
             job.attempts += 1
             job.started_at = job.started_at or now
-            job.heartbeat_at = now
+            job.heartbeat_at = self.db.clock(session)
             job.stop_reason = None
             job.stop_requested_at = None
             job.progress = {**(job.progress or {}), "attempt_started": now}
