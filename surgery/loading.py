@@ -38,7 +38,12 @@ _ACCEPTED_FORMS = (
     "('hf-hub:timm/resnet50.a1_in1k'), or a local directory of a transformers, timm or "
     "surgery.save model"
 )
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_HUB_ID_RULES = (
+    "a Hugging Face id is 'name' or 'org/name', each part 1 to 96 letters, digits, '-', '_' or "
+    "'.', not starting or ending with '-' or '.', without '--' or '..', not ending in '.git'"
+)
+# one part of a hub id as the hub itself accepts it (huggingface_hub's validate_repo_id)
+_HUB_ID_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
 _TIMM_NAME = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_]+)?$")
 MANIFEST_FILE = "gmnm_manifest.json"
 
@@ -101,8 +106,9 @@ class LoadedModel:
 def validate_reference(ref: str, *, allow_local: bool = True) -> None:
     """Check the syntax of a model reference without loading anything.
 
-    Refuses URLs, `..` components, empty and malformed names, and (with `allow_local=False`,
-    as a service taking references from users would) local paths.
+    Refuses URLs, anything containing `..`, empty names, hub ids the Hugging Face hub would
+    refuse, and (with `allow_local=False`, as a service taking references from users would)
+    local paths.
     """
     if not isinstance(ref, str) or not ref.strip():
         raise UnknownModelError(f"the model reference is empty; give {_ACCEPTED_FORMS}")
@@ -110,14 +116,17 @@ def validate_reference(ref: str, *, allow_local: bool = True) -> None:
         raise UnknownModelError(
             f"model reference {ref!r} is a URL, which is not accepted; give {_ACCEPTED_FORMS}"
         )
-    if ".." in re.split(r"[\\/]", ref.removeprefix("hf-hub:")):
+    # refused anywhere, not only as a path component: no hub id has it, and a path with it could
+    # step out of the directories models are loaded from
+    if ".." in ref:
         raise UnknownModelError(
-            f"model reference {ref!r} contains a '..' path component; give {_ACCEPTED_FORMS}"
+            f"model reference {ref!r} contains '..', which is not accepted; give {_ACCEPTED_FORMS}"
         )
     if ref.startswith("hf-hub:"):
-        if not _HF_ID.match(ref.removeprefix("hf-hub:")):
+        if not is_hub_id(ref.removeprefix("hf-hub:")):
             raise UnknownModelError(
-                f"{ref!r} is not a valid timm hub name; write it as 'hf-hub:org/name'"
+                f"{ref!r} is not a valid timm hub name; write it as 'hf-hub:org/name' ("
+                f"{_HUB_ID_RULES})"
             )
         return
     if _is_local_path(ref):
@@ -127,8 +136,22 @@ def validate_reference(ref: str, *, allow_local: bool = True) -> None:
                 "Hugging Face id ('org/name') or a timm name ('resnet50.a1_in1k')"
             )
         return
-    if not _HF_ID.match(ref):
-        raise UnknownModelError(f"model reference {ref!r} is malformed; give {_ACCEPTED_FORMS}")
+    if not is_hub_id(ref):
+        raise UnknownModelError(
+            f"model reference {ref!r} is malformed; give {_ACCEPTED_FORMS} ({_HUB_ID_RULES})"
+        )
+
+
+def is_hub_id(ref: str) -> bool:
+    """Whether the Hugging Face hub would accept `ref` as a repository id."""
+    parts = ref.split("/")
+    return (
+        len(parts) <= 2
+        and "--" not in ref
+        and ".." not in ref
+        and not ref.endswith(".git")
+        and all(_HUB_ID_PART.match(part) for part in parts)
+    )
 
 
 def _is_local_path(ref: str) -> bool:
@@ -218,6 +241,7 @@ def hub_file(ref: str, filename: str, revision: str | None) -> str:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -225,6 +249,11 @@ def hub_file(ref: str, filename: str, revision: str | None) -> str:
 
     try:
         return hf_hub_download(ref, filename, revision=revision)
+    except HFValidationError as error:
+        # validate_reference follows the hub's rules; this catches whatever they add later
+        raise UnknownModelError(
+            f"the Hugging Face hub does not accept {ref!r} ({error}); give {_ACCEPTED_FORMS}"
+        ) from error
     # (a subclass of EntryNotFoundError, so it comes first)
     except LocalEntryNotFoundError as error:
         raise UnknownModelError(

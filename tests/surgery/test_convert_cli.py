@@ -54,6 +54,8 @@ def test_convert_saves_a_loadable_model_and_prints_json(
 
 def test_bad_references_and_options_exit_with_status_2(model_dir: Path) -> None:
     assert main(["convert", "https://example.com/model", "--dry-run"]) == 2
+    assert main(["convert", "org/a..b", "--dry-run"]) == 2
+    assert main(["convert", "org/a--b", "--dry-run"]) == 2
     assert main(["convert", str(model_dir)]) == 2  # no --out
     assert main(["convert", str(model_dir), "--dry-run", "--targets", "everything"]) == 2
     assert main(["convert", str(model_dir), "--dry-run", "--groups", "two"]) == 2

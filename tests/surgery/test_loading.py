@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, BertModel, BertToke
 
 import surgery
 from surgery.inputs import max_abs_diff
+from surgery.loading import hub_file
 from surgery.persistence import CONVERTED_MARKER, GMNM_WEIGHTS, MANIFEST_FILE
 from surgery.trace import evaluation, run_model
 
@@ -63,17 +64,45 @@ def timm_dir(tmp_path: Path) -> Path:
     ("reference", "message"),
     [
         ("https://huggingface.co/bert-base-uncased", "is a URL"),
-        ("org/../secrets", "'..' path component"),
+        ("org/../secrets", "contains '..'"),
+        ("org/a..b", "contains '..'"),
+        ("hf-hub:timm/a..b", "contains '..'"),
         ("", "empty"),
         ("org/name with spaces", "malformed"),
+        ("org/a--b", "malformed"),
+        ("a/b.", "malformed"),
+        ("-org/name", "malformed"),
+        ("org/name.git", "malformed"),
+        ("org/sub/name", "malformed"),
+        ("x" * 97, "malformed"),
         ("hf-hub:not a name", "not a valid timm hub name"),
+        ("hf-hub:org/a--b", "not a valid timm hub name"),
     ],
 )
 def test_malformed_references_are_refused_with_the_accepted_forms(
     reference: str, message: str
 ) -> None:
-    with pytest.raises(surgery.UnknownModelError, match=message):
+    with pytest.raises(surgery.UnknownModelError, match=message) as refused:
         surgery.validate_reference(reference)
+    assert "org/name" in str(refused.value)
+    # the service checks references from users with local paths refused; the same refusals
+    with pytest.raises(surgery.UnknownModelError, match=message):
+        surgery.validate_reference(reference, allow_local=False)
+
+
+@pytest.mark.parametrize("reference", ["org/a..b", "org/a--b", "a/b.", "org/" + "x" * 97])
+def test_references_the_hub_would_refuse_are_unknown_models_not_hub_errors(
+    reference: str,
+) -> None:
+    with pytest.raises(surgery.UnknownModelError, match="Hugging Face id"):
+        surgery.load_model(reference)
+
+
+def test_a_hub_validation_error_past_the_syntax_check_is_an_unknown_model() -> None:
+    # hub_file is reached only through validate_reference; called directly, the hub's own check
+    # raises, and that still comes out as an UnknownModelError
+    with pytest.raises(surgery.UnknownModelError, match="does not accept 'org/a--b'"):
+        hub_file("org/a--b", "config.json", None)
 
 
 def test_valid_references_pass_the_syntax_check_and_local_paths_can_be_refused() -> None:
@@ -82,6 +111,8 @@ def test_valid_references_pass_the_syntax_check_and_local_paths_can_be_refused()
         "resnet50.a1_in1k",
         "hf-hub:timm/resnet18.a1_in1k",
         "gpt2",
+        "org/" + "x" * 96,
+        "_org/a-b_c.d",
     ):
         surgery.validate_reference(reference)
     with pytest.raises(surgery.UnknownModelError, match="local path"):
