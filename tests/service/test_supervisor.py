@@ -14,7 +14,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from postgres_helpers import SKIP_REASON, postgres_available, postgres_schema
 from service_helpers import fake_commands, fast_settings, process_running, upload, wait_for
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 import service.supervisor
 from service.db import QUEUED, RUNNING, Database, Job, upgrade
@@ -318,3 +321,56 @@ def test_a_heartbeating_worker_keeps_its_job_however_far_the_hosts_clocks_differ
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.worker_id) == (QUEUED, None)
     database.dispose()
+
+
+@contextmanager
+def _postgres_with_lock_timeout(seconds: float) -> Iterator[Database]:
+    """A PostgreSQL schema of its own, whose lock waits give up after `seconds`: a claim that
+    waits for a row lock instead of skipping the row fails the test rather than hanging it."""
+    with postgres_schema() as url:
+        parsed = make_url(url)
+        options = f"{parsed.query['options']} -c lock_timeout={int(seconds * 1000)}"
+        database = Database(parsed.update_query_dict({"options": options}).render_as_string(False))
+        try:
+            yield database
+        finally:
+            database.dispose()
+
+
+@contextmanager
+def _row_locked_elsewhere(database: Database, job_id: str) -> Iterator[None]:
+    """Another worker's transaction, in the middle of taking or settling the job."""
+    with database.write() as session:
+        session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
+        yield
+
+
+@pytest.mark.skipif(not postgres_available(), reason=SKIP_REASON)
+def test_a_claim_skips_a_job_locked_by_another_worker_instead_of_waiting(tmp_path: Path) -> None:
+    with _postgres_with_lock_timeout(5.0) as database:
+        oldest, younger = _queue(database, 2)
+        supervisor = Supervisor(fast_settings(tmp_path / "data"), database)
+        with _row_locked_elsewhere(database, oldest):
+            started = time.monotonic()
+            claimed = supervisor.claim()
+            waited = time.monotonic() - started
+        assert claimed is not None and claimed.id == younger
+        assert waited < 1.0
+
+
+@pytest.mark.skipif(not postgres_available(), reason=SKIP_REASON)
+def test_recovery_skips_a_lost_job_another_worker_is_settling(tmp_path: Path) -> None:
+    with _postgres_with_lock_timeout(5.0) as database:
+        (job_id,) = _queue(database, 1)
+        with database.write() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.status, job.worker_id, job.attempts = RUNNING, "host-gone:1:x", 1
+            job.heartbeat_at = database.clock(session) - 3600
+        supervisor = Supervisor(fast_settings(tmp_path / "data"), database)
+        with _row_locked_elsewhere(database, job_id):
+            started = time.monotonic()
+            assert supervisor.recover_lost_jobs() == []
+            waited = time.monotonic() - started
+        assert waited < 1.0
+        assert supervisor.recover_lost_jobs() == [job_id]
