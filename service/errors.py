@@ -1,21 +1,27 @@
 """The one error envelope: every 4xx and 5xx answers `{"error": {message, type, param, code}}`.
 
 Routing errors (404, 405), request validation (which names the offending field) and unexpected
-exceptions all go through the handlers installed by `install_error_handlers`.
+exceptions all go through the handlers installed by `install_error_handlers`; downloads answer a
+refused `Range` header through `DownloadResponse`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +68,31 @@ _DESCRIPTIONS = {
     409: "conflict with the object's state or with an earlier use of the Idempotency-Key",
     410: "the object is recorded but its files are gone",
     413: "request body larger than the upload limit",
+    416: "the Range header asks for bytes past the end of the file",
     429: "too many active jobs for this key",
     500: "unexpected server failure (the server log has the traceback)",
     503: "the database is busy or unreachable; retry after the Retry-After seconds",
 }
 
 
+_HEADERS = {
+    416: {
+        "Content-Range": {
+            "description": "`bytes */SIZE`: the size of the whole file",
+            "schema": {"type": "string"},
+        }
+    },
+}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for error statuses, all answered with the envelope."""
-    return {
-        status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
-        for status in statuses
-    }
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
 
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
@@ -94,6 +113,7 @@ _STATUS_TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    416: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -108,6 +128,74 @@ def envelope(status: int, message: str, **fields: Any) -> JSONResponse:
     return JSONResponse(
         {"error": body.model_dump()}, status_code=status, headers=fields.get("headers")
     )
+
+
+# Starlette's reasons for refusing a Range header, in words that say what to change.
+_RANGE_PROBLEMS = {
+    "Only support bytes range": "its unit is not bytes",
+    "Range header: range must be requested": "it names no range of bytes",
+    "Range header: start must be less than end": "a range ends before it starts",
+}
+
+
+class DownloadResponse(FileResponse):
+    """A file download whose refusal of a `Range` header answers in the error envelope.
+
+    Starlette's FileResponse answers a malformed range itself with a plain-text 400, and a range
+    past the end of the file with an empty 416.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = await self._range_refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def _range_refusal(self, scope: Scope) -> JSONResponse | None:
+        # The same conditions and parser as FileResponse, so that exactly the ranges it would
+        # refuse are refused here and every other one is served as before.
+        headers = Headers(scope=scope)
+        value = headers.get("range")
+        if value is None or self.status_code != 200 or scope["type"] != "http":
+            return None
+        if scope["method"].upper() not in ("GET", "HEAD"):
+            return None
+        stat = self.stat_result
+        if stat is None:
+            stat = await anyio.to_thread.run_sync(os.stat, self.path)
+        self.set_stat_headers(stat)
+        if_range = headers.get("if-range")
+        if if_range is not None and not self._should_use_range(if_range):
+            return None
+        size = stat.st_size
+        whole = (
+            "the file is empty, so leave the header out"
+            if size == 0
+            else f"ask for bytes within 0-{size - 1} (e.g. `Range: bytes=0-{size - 1}`), or "
+            "leave the header out for the whole file"
+        )
+        try:
+            self._parse_range_header(value, size)
+        except MalformedRangeHeader as error:
+            problem = _RANGE_PROBLEMS.get(error.content, "it is not of the form bytes=START-END")
+            return envelope(
+                400,
+                f"Range: '{value}' cannot be served because {problem}; the file is {size} "
+                f"bytes: {whole}.",
+                param="Range",
+                code="invalid_range",
+            )
+        except RangeNotSatisfiable:
+            return envelope(
+                416,
+                f"Range: '{value}' starts at or past the end of the file, which is {size} "
+                f"bytes: {whole}.",
+                param="Range",
+                code="range_not_satisfiable",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        return None
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

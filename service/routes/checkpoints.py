@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
 
 from service.archive import write_archive
 from service.context import Context, Owner, ServiceContext
 from service.db import CheckpointRecord
-from service.errors import ApiError, error_responses, not_found
+from service.errors import ApiError, DownloadResponse, error_responses, not_found
 from service.jobs import checkpoint_public
 from service.schemas import CheckpointPublic
 from training import protocol
@@ -100,11 +99,11 @@ def retrieve_checkpoint(checkpoint_id: str, context: Context, owner: Owner) -> A
 
 @router.get(
     "/{checkpoint_id}/content",
-    response_class=FileResponse,
+    response_class=DownloadResponse,
     responses={
         200: {"content": {"application/x-tar": {}}},
         304: {"description": "not modified: If-None-Match named the archive's ETag"},
-        **error_responses(410),
+        **error_responses(410, 416),
     },
 )
 def checkpoint_content(
@@ -131,7 +130,7 @@ def checkpoint_content(
     etag = f'"{sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(
+    return DownloadResponse(
         path,
         media_type="application/x-tar",
         filename=path.name,
@@ -141,8 +140,8 @@ def checkpoint_content(
 
 @router.get(
     "/{checkpoint_id}/curves.png",
-    response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}},
+    response_class=DownloadResponse,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(416)},
 )
 def checkpoint_curves(checkpoint_id: str, context: Context, owner: Owner) -> Response:
     """The training and validation curves of the job that wrote this checkpoint (PNG)."""
@@ -155,4 +154,4 @@ def checkpoint_curves(checkpoint_id: str, context: Context, owner: Owner) -> Res
             "appear when a fine-tune finishes.",
             code="curves_not_found",
         )
-    return FileResponse(path, media_type="image/png")
+    return DownloadResponse(path, media_type="image/png")

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from service.context import Context, Owner
 from service.db import FileRecord
-from service.errors import ApiError, error_responses, not_found
+from service.errors import ApiError, DownloadResponse, error_responses, not_found
 from service.jobs import MAX_PAGE, page
 from service.layout import FILE_PREFIX, new_id
 from service.schemas import FileDeleted, FilePublic, Page
@@ -208,11 +207,14 @@ def retrieve_file(context: Context, owner: Owner, file_id: str) -> FilePublic:
     return file_public(_owned_file(context, owner, file_id))
 
 
-@router.get("/{file_id}/content", response_class=FileResponse)
-def file_content(context: Context, owner: Owner, file_id: str) -> FileResponse:
-    """The file's bytes, as uploaded (or as the job wrote them, for result files)."""
+@router.get("/{file_id}/content", response_class=DownloadResponse, responses=error_responses(416))
+def file_content(context: Context, owner: Owner, file_id: str) -> DownloadResponse:
+    """The file's bytes, as uploaded (or as the job wrote them, for result files).
+
+    Range requests fetch part of it.
+    """
     record = _owned_file(context, owner, file_id)
-    return FileResponse(
+    return DownloadResponse(
         context.layout.file_path(record.id),
         filename=record.filename,
         headers={"ETag": f'"{record.sha256}"'},

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from service_helpers import upload, wait_for
 
 import service.routes.jobs as job_routes
 
@@ -59,3 +60,62 @@ def test_racing_creates_with_one_idempotency_key_all_answer_the_same_job(
 
     other = client.post("/v1/conversions", json={**CONVERSION, "dry_run": True}, headers=headers)
     assert_envelope(other, 409, "Idempotency-Key")
+
+
+# range requests
+
+JSONL = b'{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'
+
+
+def assert_range_refusals(client: TestClient, path: str, size: int) -> None:
+    """A malformed Range answers 400 and one past the end 416, both in the envelope."""
+    malformed = client.get(path, headers={"Range": "bytes=abc"})
+    error = assert_envelope(malformed, 400, "Range")
+    assert error["code"] == "invalid_range"
+    assert "bytes=abc" in error["message"] and f"{size} bytes" in error["message"]
+
+    backwards = client.get(path, headers={"Range": "bytes=20-10"})
+    assert "ends before it starts" in assert_envelope(backwards, 400, "Range")["message"]
+
+    past_the_end = client.get(path, headers={"Range": f"bytes={size}-"})
+    error = assert_envelope(past_the_end, 416, "Range")
+    assert error["code"] == "range_not_satisfiable"
+    assert past_the_end.headers["content-range"] == f"bytes */{size}"
+    assert f"bytes=0-{size - 1}" in error["message"]
+
+    # what the refusals leave alone: a satisfiable range, and a range under a stale If-Range
+    partial = client.get(path, headers={"Range": "bytes=2-5"})
+    assert partial.status_code == 206 and len(partial.content) == 4
+    stale = client.get(path, headers={"Range": "bytes=abc", "If-Range": '"not-the-etag"'})
+    assert stale.status_code == 200 and len(stale.content) == size
+
+
+def test_file_content_refuses_bad_ranges_in_the_envelope(client: TestClient) -> None:
+    file_id = upload(client, JSONL)
+    assert_range_refusals(client, f"/v1/files/{file_id}/content", len(JSONL))
+
+
+def test_checkpoint_content_refuses_bad_ranges_in_the_envelope(client: TestClient) -> None:
+    body = {
+        "model": "prajjwal1/bert-tiny",
+        "training_file": upload(client, JSONL),
+        "task": "text-classification",
+        "hyperparameters": {"max_steps": 2},
+    }
+    created = client.post("/v1/fine_tuning/jobs", json=body)
+    assert created.status_code == 202, created.text
+    job = wait_for(
+        lambda: client.get(created.headers["location"]).json(),
+        lambda job: job["status"] in ("succeeded", "failed"),
+    )
+    assert job["status"] == "succeeded", job
+    checkpoint = client.get(f"/v1/checkpoints/{job['fine_tuned_model']}").json()
+    assert_range_refusals(client, checkpoint["content_url"], checkpoint["size"])
+
+
+def test_openapi_documents_416_on_the_content_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/files/{file_id}/content", "/v1/checkpoints/{checkpoint_id}/content"):
+        refused = paths[path]["get"]["responses"]["416"]
+        assert refused["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+        assert "Content-Range" in refused["headers"]
