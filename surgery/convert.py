@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 
 STATE_ATTR = "_gmnm_surgery"
 
+# GMNMConfig fields that convert does not take from the config (each site gets its own), and what
+# to use instead; a config that changes one of them is refused rather than silently overridden
+_SET_PER_SITE = {
+    ("base",): "the base of each replaced activation is the activation itself, in residual form; "
+    "for a learned linear base fitted to it use init='fit'",
+    ("channels", "groups"): "use convert's own groups= argument (a number, or 'channel'); "
+    "each site's channels come from the plan",
+    ("dim", "heads", "head_dim"): "each softmax site's dimension and head count come from the plan",
+    ("extra",): "convert does not read it",
+}
+
 
 @dataclass
 class Report:
@@ -108,9 +119,11 @@ def convert(
     """Replace every site the plan marks `replace`, in place, and check the result.
 
     Args:
-        config: GMNM settings for every new module (`num_components`, `init`, `init_range`);
-            the base of an activation is always the replaced activation itself.
-            Softmax replacements always start in residual form (exact softmax at step 0).
+        config: GMNM settings for every new module: `num_components`, `init`, `init_range`.
+            The other fields are set per site (the base of an activation is always the replaced
+            activation itself; channels and heads come from the plan; grouping from `groups`),
+            and a config that changes one of them is refused. Softmax replacements always start
+            in residual form (exact softmax at step 0).
         probe_inputs: the batch the original and converted outputs are compared on (default:
             `example_inputs(model)`).
         groups: parameter sets per activation site along its last (channel) dimension: 1 (one
@@ -131,6 +144,7 @@ def convert(
             f"{type(model).__name__} is already converted; convert the original model (a "
             "second conversion would wrap GMNM modules in GMNM modules)"
         )
+    _check_config(config)
     _check_plan(model, plan)
     _check_groups(plan.replaced, groups)
     ranges: dict[str, tuple[float, float]] = {}
@@ -238,6 +252,22 @@ def _module_config(module: nn.Module) -> GMNMConfig:
         return first.config
     assert isinstance(module, (GMNMActivation, GMNMSoftmax))
     return module.config
+
+
+def _check_config(config: GMNMConfig) -> None:
+    """Refuse settings convert would not apply, naming each one and what to use instead."""
+    default = GMNMConfig()
+    problems = []
+    for names, instead in _SET_PER_SITE.items():
+        changed = [n for n in names if getattr(config, n) != getattr(default, n)]
+        if changed:
+            settings = ", ".join(f"{n}={getattr(config, n)!r}" for n in changed)
+            problems.append(f"{settings} ({instead})")
+    if problems:
+        raise ConversionError(
+            "convert applies num_components, init and init_range of a GMNMConfig and sets the "
+            "other fields per site; leave these at their defaults: " + "; ".join(problems)
+        )
 
 
 def _check_plan(model: nn.Module, plan: Plan) -> None:

@@ -302,6 +302,26 @@ def test_groups_apply_to_channels_last_sites_and_are_refused_for_images() -> Non
     assert not surgery.is_converted(resnet)
 
 
+def test_config_fields_convert_sets_per_site_are_refused_up_front_with_what_to_use() -> None:
+    bert = tiny_transformers("bert")
+    plan = surgery.plan(bert)
+    config = GMNMConfig(num_components=4, base="linear", groups=2, channels=64)
+    with pytest.raises(surgery.ConversionError) as refused:
+        surgery.convert(bert, plan, config)
+    message = str(refused.value)
+    assert "base='linear'" in message and "init='fit'" in message
+    assert "groups=2" in message and "channels=64" in message and "groups= argument" in message
+    for config in (GMNMConfig(heads=2), GMNMConfig(dim=1), GMNMConfig(extra={"a": 1})):
+        with pytest.raises(surgery.ConversionError, match="leave these at their defaults"):
+            surgery.convert(bert, plan, config)
+    # nothing changed, and a plan made with such a config is refused by convert as well
+    assert not surgery.is_converted(bert)
+    with pytest.raises(surgery.ConversionError, match="base=None"):
+        surgery.convert(bert, surgery.plan(bert, config=GMNMConfig(base=None)))
+    report = surgery.convert(bert, plan, GMNMConfig(num_components=4, init_range=(-2.0, 2.0)))
+    assert report.max_abs_diff == 0.0
+
+
 def test_calibration_moves_the_centres_and_keeps_residual_conversion_exact() -> None:
     model = tiny_transformers("bert")
     inputs = surgery.example_inputs(model)
