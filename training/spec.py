@@ -3,8 +3,9 @@
 The service builds these from API requests and writes them to `spec.json`; the entry points
 (`gmnm-convert`, `gmnm-train`, `gmnm-eval`) read them back with `load_spec`. Every model refuses
 unknown fields, and every problem is reported at once with the field's path: field-level problems
-by pydantic, combinations of fields by the validators below (which run even when other fields
-failed, so a user fixing a spec sees the whole list in one go).
+by pydantic, combinations of fields by the `@combination` checks below. Those run on every
+validation, also when other fields failed (on the fields that did validate), so a user fixing a
+spec sees the whole list in one go.
 
 The hyperparameters follow the fine-tuning APIs people know (`epochs`, `batch_size`,
 `learning_rate`), with the GMNM-specific ones beside them.
@@ -12,22 +13,29 @@ The hyperparameters follow the fine-tuning APIs people know (`epochs`, `batch_si
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import re
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
 from gmnm.config import GMNMConfig
 from training.errors import SpecError
@@ -63,12 +71,110 @@ FORMAT_TASKS = {
 }
 
 
-def _problems(title: str, problems: list[tuple[tuple[str | int, ...], str]], value: Any) -> None:
+Loc = tuple[str | int, ...]
+Problem = tuple[Loc, str]  # (field path, message)
+Problems = Iterator[Problem]
+CheckT = TypeVar("CheckT", bound=Callable[..., Problems])
+
+_CORE_ERROR_TYPES = frozenset(get_args(ErrorType))
+
+
+def combination(check: CheckT) -> CheckT:
+    """Mark a method of a spec model as a check of fields in combination.
+
+    It yields (field path, message) problems. It runs after every validation of the model, on the
+    model itself, or, when some fields failed, on a `_Validated` view of the fields that did; a
+    check that reads a field that failed is skipped, since that field has its own error.
+    """
+    check.__combination_check__ = True  # type: ignore[attr-defined]
+    return check
+
+
+@functools.cache
+def _checks_of(model: type[BaseModel]) -> tuple[Callable[[Any], Problems], ...]:
+    found = []
+    for klass in reversed(model.__mro__):
+        found += [f for f in vars(klass).values() if getattr(f, "__combination_check__", False)]
+    return tuple(found)
+
+
+class _FailedFieldError(Exception):
+    """A combination check read a field that failed on its own."""
+
+
+@functools.cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    annotation: Any = model.model_fields[name].annotation
+    return TypeAdapter(annotation)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The spec model inside a field's type (`DataSource | None` gives DataSource)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return next(filter(None, (_nested_model(arg) for arg in get_args(annotation))), None)
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+class _Validated:
+    """The fields of a refused input that validated on their own, read like the model itself.
+
+    A field reads as its validated value (its default when absent), a nested model that failed
+    inside as such a view of itself, and a field that failed raises `_FailedFieldError`. The
+    model's methods work on the view too, so a combination check reads the same either way.
+    """
+
+    def __init__(self, model: type[BaseModel], data: dict[str, Any], failed: list[Loc]) -> None:
+        self._model = model
+        self._data = data
+        self._failed = failed  # error paths relative to this model
+
+    def __getattr__(self, name: str) -> Any:
+        field = self._model.model_fields.get(name)
+        if field is None:
+            found = inspect.getattr_static(self._model, name)
+            return types.MethodType(found, self) if inspect.isfunction(found) else found
+        below = [loc[1:] for loc in self._failed if loc[:1] == (name,)]
+        if not below:
+            if name not in self._data:
+                return field.get_default(call_default_factory=True)
+            return _field_adapter(self._model, name).validate_python(self._data[name])
+        nested = _nested_model(field.annotation)
+        if () in below or nested is None or not isinstance(self._data[name], dict):
+            raise _FailedFieldError(name)
+        return _Validated(nested, self._data[name], below)
+
+
+def _combination_problems(model: type[BaseModel], fields: Any) -> list[Problem]:
+    problems: list[Problem] = []
+    for check in _checks_of(model):
+        try:
+            for problem in check(fields):  # problems found before a failed field still count
+                problems.append(problem)
+        except _FailedFieldError:
+            continue  # it reads a field that failed, which carries its own error
+    return problems
+
+
+def _as_given(error: ErrorDetails) -> InitErrorDetails:
+    """One of pydantic's errors, to be raised again beside the combination problems."""
+    if error["type"] not in _CORE_ERROR_TYPES:  # ours, from a nested model: keep the message
+        custom = PydanticCustomError(error["type"], error["msg"])
+        return InitErrorDetails(type=custom, loc=error["loc"], input=error["input"])
+    detail = InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+    if "ctx" in error:
+        detail["ctx"] = error["ctx"]
+    return detail
+
+
+def _refuse(title: str, errors: list[ErrorDetails], problems: list[Problem], value: Any) -> None:
     """Raise every problem of one model at once, each at its own field path."""
-    if problems:
+    if errors or problems:
         raise ValidationError.from_exception_data(
             title,
-            [
+            [_as_given(error) for error in errors]
+            + [
                 InitErrorDetails(
                     type=PydanticCustomError("invalid_combination", message),
                     loc=loc,
@@ -80,7 +186,26 @@ def _problems(title: str, problems: list[tuple[tuple[str | int, ...], str]], val
 
 
 class _Strict(BaseModel):
+    """Refuses unknown fields, and runs the model's `@combination` checks on every validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        # pydantic skips a model's after-validators once one field failed; this wrap runs the
+        # combination checks on the fields that validated and adds their problems to the rest
+        try:
+            model = handler(data)
+        except ValidationError as error:
+            if not isinstance(data, dict):
+                raise
+            errors = error.errors()
+            view = _Validated(cls, data, [item["loc"] for item in errors])
+            _refuse(cls.__name__, errors, _combination_problems(cls, view), data)
+            raise  # unreachable: _refuse raised
+        _refuse(cls.__name__, [], _combination_problems(cls, model), data)
+        return model
 
 
 class GMNMSettings(_Strict):
@@ -99,16 +224,13 @@ class GMNMSettings(_Strict):
         description="Where the components are spread at init (and the fit range).",
     )
 
-    @model_validator(mode="after")
-    def _valid_config(self) -> GMNMSettings:
-        low, high = self.init_range
+    @field_validator("init_range")
+    @classmethod
+    def _ordered_range(cls, init_range: tuple[float, float]) -> tuple[float, float]:
+        low, high = init_range
         if not low < high:
-            _problems(
-                "GMNMSettings",
-                [(("init_range",), f"must be (low, high) with low < high, got {self.init_range}")],
-                self.init_range,
-            )
-        return self
+            raise ValueError(f"must be (low, high) with low < high, got {init_range}")
+        return init_range
 
     def to_config(self) -> GMNMConfig:
         return GMNMConfig(
@@ -188,25 +310,26 @@ class DataSource(_Strict):
     label_column: str = Field(default="label", min_length=1)
     image_column: str = Field(default="image", min_length=1)
 
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSource:
+    @combination
+    def _one_source(self) -> Problems:
         given = [name for name in ("builtin", "path", "hf_dataset") if getattr(self, name)]
-        problems: list[tuple[tuple[str | int, ...], str]] = []
         if len(given) != 1:
             where = ", ".join(given) if given else "none"
-            problems.append(((), f"give exactly one of builtin, path or hf_dataset (got {where})"))
+            yield (), f"give exactly one of builtin, path or hf_dataset (got {where})"
+
+    @combination
+    def _format_known(self) -> Problems:
         if self.path and self.format == "auto" and suffix_format(self.path) is None:
-            problems.append(
-                (
-                    ("format",),
-                    f"cannot tell the format of {self.path!r} from its name; set format to one "
-                    "of jsonl, csv, text, image-archive",
-                )
+            yield (
+                ("format",),
+                f"cannot tell the format of {self.path!r} from its name; set format to one of "
+                "jsonl, csv, text, image-archive",
             )
+
+    @combination
+    def _split_of_a_data_set(self) -> Problems:
         if self.split is not None and not self.hf_dataset:
-            problems.append((("split",), "split applies to hf_dataset sources only"))
-        _problems("DataSource", problems, self.model_dump())
-        return self
+            yield ("split",), "split applies to hf_dataset sources only"
 
     def resolved_format(self) -> str | None:
         """The file format of a `path` source (None for the other kinds)."""
@@ -307,29 +430,28 @@ class Hyperparameters(_Strict):
         default=1, ge=1, le=256, description="Data-parallel processes (DDP)."
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Hyperparameters:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+    @combination
+    def _one_warmup(self) -> Problems:
         if self.warmup_steps and self.warmup_ratio:
-            problems.append((("warmup_ratio",), "set warmup_steps or warmup_ratio, not both"))
+            yield ("warmup_ratio",), "set warmup_steps or warmup_ratio, not both"
+
+    @combination
+    def _equal_shares(self) -> Problems:
         if self.batch_size % self.num_processes:
-            problems.append(
-                (
-                    ("batch_size",),
-                    f"batch_size {self.batch_size} must be divisible by num_processes "
-                    f"{self.num_processes} (each process takes an equal share)",
-                )
+            yield (
+                ("batch_size",),
+                f"batch_size {self.batch_size} must be divisible by num_processes "
+                f"{self.num_processes} (each process takes an equal share)",
             )
+
+    @combination
+    def _full_model_steps(self) -> Problems:
         if self.max_steps is not None and self.gmnm_only_steps >= self.max_steps:
-            problems.append(
-                (
-                    ("gmnm_only_steps",),
-                    f"gmnm_only_steps {self.gmnm_only_steps} leaves no full-model steps within "
-                    f"max_steps {self.max_steps}; lower it or raise max_steps",
-                )
+            yield (
+                ("gmnm_only_steps",),
+                f"gmnm_only_steps {self.gmnm_only_steps} leaves no full-model steps within "
+                f"max_steps {self.max_steps}; lower it or raise max_steps",
             )
-        _problems("Hyperparameters", problems, self.model_dump())
-        return self
 
     def gmnm_lr(self) -> float:
         return self.gmnm_learning_rate or 10.0 * self.learning_rate
@@ -393,21 +515,17 @@ class _ModelJob(_Strict):
         return precision
 
 
-def _task_problems(task: str | None, data: DataSpec) -> list[tuple[tuple[str | int, ...], str]]:
-    problems: list[tuple[tuple[str | int, ...], str]] = []
+def _task_problems(task: str | None, data: DataSpec) -> Problems:
     for name in ("train", "validation"):
         source = getattr(data, name)
         implied = source.implied_tasks() if source is not None else None
         if task is not None and implied is not None and task not in implied:
-            problems.append(
-                (
-                    (name,),
-                    f"task {task} cannot use {source.describe()}; it suits {' or '.join(implied)}",
-                )
+            yield (
+                ("data", name),
+                f"task {task} cannot use {source.describe()}; it suits {' or '.join(implied)}",
             )
     if task == "causal-lm" and data.labels is not None:
-        problems.append((("labels",), "causal-lm has no classes; remove labels"))
-    return problems
+        yield ("data", "labels"), "causal-lm has no classes; remove labels"
 
 
 def _infer_task(data: DataSpec) -> str | None:
@@ -434,23 +552,24 @@ class _DataJob(_ModelJob):
 
     _needs_train: ClassVar[bool] = False
 
-    @field_validator("data")
-    @classmethod
-    def _data_fits_task(cls, data: DataSpec, info: ValidationInfo) -> DataSpec:
-        task = info.data.get("task")
-        if "task" not in info.data:  # the task itself was refused; it carries its own error
-            return data
-        problems = _task_problems(task, data)
-        if cls._needs_train and data.train is None:
-            problems.append((("train",), "a fine-tune needs training data"))
-        elif not data.sources():
-            problems.append(((), "give data.validation or data.train to evaluate on"))
-        elif task is None and _infer_task(data) is None:
-            problems.append(
-                ((), "cannot infer the task from this data; set task to one of " + ", ".join(TASKS))
+    def _has_data(self) -> bool:
+        return self.data.train is not None or (not self._needs_train and bool(self.data.sources()))
+
+    @combination
+    def _data_given(self) -> Problems:
+        if self._needs_train and self.data.train is None:
+            yield ("data", "train"), "a fine-tune needs training data"
+        elif not self._has_data():
+            yield ("data",), "give data.validation or data.train to evaluate on"
+
+    @combination
+    def _data_fits_task(self) -> Problems:
+        yield from _task_problems(self.task, self.data)
+        if self.task is None and self._has_data() and _infer_task(self.data) is None:
+            yield (
+                ("data",),
+                "cannot infer the task from this data; set task to one of " + ", ".join(TASKS),
             )
-        _problems("DataSpec", problems, data.model_dump())
-        return data
 
     def resolved_task(self) -> str:
         task = self.task or _infer_task(self.data)
@@ -466,41 +585,26 @@ class FineTuneSpec(_DataJob):
 
     _needs_train: ClassVar[bool] = True
 
-    @field_validator("hyperparameters")
-    @classmethod
-    def _fits_device(cls, hp: Hyperparameters, info: ValidationInfo) -> Hyperparameters:
-        device = info.data.get("device", "auto")
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        if hp.num_processes > 1 and re.fullmatch(r"cuda:\d+", device or ""):
-            problems.append(
-                (
-                    ("num_processes",),
-                    f"num_processes {hp.num_processes} runs one process per GPU; use device "
-                    f"'cuda' (or 'auto'), not a single device {device!r}",
-                )
+    @combination
+    def _fits_device(self) -> Problems:
+        processes = self.hyperparameters.num_processes
+        if processes > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            yield (
+                ("hyperparameters", "num_processes"),
+                f"num_processes {processes} runs one process per GPU; use device 'cuda' (or "
+                f"'auto'), not a single device {self.device!r}",
             )
-        _problems("Hyperparameters", problems, hp.model_dump())
-        return hp
 
-    @field_validator("limits")
-    @classmethod
-    def _steps_within_limit(cls, limits: Limits, info: ValidationInfo) -> Limits:
-        hp = info.data.get("hyperparameters")
-        if hp is None or limits.max_steps is None or hp.max_steps is None:
-            return limits  # steps that epochs come to are checked once the data is read
-        if hp.max_steps > limits.max_steps:
-            _problems(
-                "Limits",
-                [
-                    (
-                        ("max_steps",),
-                        f"hyperparameters.max_steps {hp.max_steps} is above the limit of "
-                        f"{limits.max_steps} steps; ask for fewer steps",
-                    )
-                ],
-                limits.model_dump(),
+    @combination
+    def _steps_within_limit(self) -> Problems:
+        # the steps that epochs come to are checked once the data is read
+        steps, limit = self.hyperparameters.max_steps, self.limits.max_steps
+        if steps is not None and limit is not None and steps > limit:
+            yield (
+                ("limits", "max_steps"),
+                f"hyperparameters.max_steps {steps} is above the limit of {limit} steps; ask for "
+                "fewer steps",
             )
-        return limits
 
 
 class EvaluateSpec(_DataJob):
@@ -533,15 +637,14 @@ class ConvertSpec(_ModelJob):
     conversion: ConversionSpec = ConversionSpec()
     dry_run: bool = False
 
-    @field_validator("conversion")
-    @classmethod
-    def _no_calibration_data(cls, conversion: ConversionSpec) -> ConversionSpec:
-        if conversion.calibrate:
-            raise ValueError(
+    @combination
+    def _no_calibration_data(self) -> Problems:
+        if self.conversion.calibrate:
+            yield (
+                ("conversion",),
                 "calibrate needs the job's data, which a conversion job has none of; set it in "
-                "the fine-tune or evaluation spec instead"
+                "the fine-tune or evaluation spec instead",
             )
-        return conversion
 
 
 SpecT = TypeVar("SpecT", FineTuneSpec, EvaluateSpec, ConvertSpec)

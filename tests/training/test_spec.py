@@ -31,6 +31,22 @@ def test_task_is_inferred_from_file_suffixes() -> None:
     assert archive.resolved_task() == "image-classification"
 
 
+def _problems(kind: type, spec: dict) -> list[str]:
+    """The lines of the refusal, after the count line."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec(kind, spec)
+    assert caught.value.code == "invalid_spec"
+    first, *lines = caught.value.message.splitlines()
+    assert first == f"the {kind.__name__} has {len(lines)} problems:"
+    return lines
+
+
+def _assert_each_once(lines: list[str], expected: list[str]) -> None:
+    for start in expected:
+        assert sum(line.startswith(start) for line in lines) == 1, (start, lines)
+    assert len(lines) == len(expected), lines
+
+
 def test_every_problem_is_reported_at_once_with_its_field_path() -> None:
     bad = _fine_tune(
         device="cpu",
@@ -44,16 +60,89 @@ def test_every_problem_is_reported_at_once_with_its_field_path() -> None:
             "learning_rate": -1,
         },
     )
-    with pytest.raises(SpecError) as caught:
-        parse_spec(FineTuneSpec, bad)
-    message = caught.value.message
-    for expected in (
-        "precision: fp16 needs a CUDA device",
-        "surprise: Extra inputs are not permitted",
-        "hyperparameters.learning_rate",
-    ):
-        assert expected in message
-    assert caught.value.code == "invalid_spec"
+    _assert_each_once(
+        _problems(FineTuneSpec, bad),
+        [
+            "precision: fp16 needs a CUDA device",
+            "surprise: Extra inputs are not permitted",
+            "hyperparameters.learning_rate: Input should be greater than 0",
+            "hyperparameters.batch_size: batch_size 3 must be divisible by num_processes 2",
+            "hyperparameters.warmup_ratio: set warmup_steps or warmup_ratio, not both",
+        ],
+    )
+
+
+def test_combinations_across_the_spec_are_checked_beside_failed_fields() -> None:
+    bad = _fine_tune(
+        model="",
+        device="cuda:0",
+        hyperparameters={"num_processes": 2, "max_steps": 50, "learning_rate": -1},
+        limits={"max_steps": 20, "max_minutes": -1},
+    )
+    _assert_each_once(
+        _problems(FineTuneSpec, bad),
+        [
+            "model: String should have at least 1 character",
+            "hyperparameters.learning_rate: Input should be greater than 0",
+            "limits.max_minutes: Input should be greater than 0",
+            "hyperparameters.num_processes: num_processes 2 runs one process per GPU",
+            "limits.max_steps: hyperparameters.max_steps 50 is above the limit of 20",
+        ],
+    )
+
+
+def test_task_and_data_are_checked_together_beside_failed_fields() -> None:
+    bad = _fine_tune(
+        task="causal-lm",
+        data={"train": {"builtin": "digits"}, "validation_fraction": 2, "labels": ["a"]},
+    )
+    _assert_each_once(
+        _problems(FineTuneSpec, bad),
+        [
+            "data.validation_fraction: Input should be less than 1",
+            "data.train: task causal-lm cannot use built-in set 'digits'",
+            "data.labels: causal-lm has no classes",
+        ],
+    )
+    no_train = {"model": "m", "task": "bogus", "data": {"validation": {"builtin": "digits"}}}
+    _assert_each_once(
+        _problems(FineTuneSpec, no_train),
+        ["task: Input should be", "data.train: a fine-tune needs training data"],
+    )
+
+
+def test_data_source_combinations_are_checked_beside_a_failed_column() -> None:
+    bad = _fine_tune(
+        data={"train": {"builtin": "digits", "path": "a.csv", "split": "x", "text_column": ""}}
+    )
+    _assert_each_once(
+        _problems(FineTuneSpec, bad),
+        [
+            "data.train.text_column: String should have at least 1 character",
+            "data.train: give exactly one of builtin, path or hf_dataset (got builtin, path)",
+            "data.train.split: split applies to hf_dataset sources only",
+        ],
+    )
+
+
+def test_conversion_problems_are_all_listed() -> None:
+    bad = {
+        "model": "m",
+        "conversion": {
+            "calibrate": True,
+            "groups": 0,
+            "gmnm": {"num_components": 0, "init_range": [3, 1]},
+        },
+    }
+    _assert_each_once(
+        _problems(ConvertSpec, bad),
+        [
+            "conversion.gmnm.num_components: Input should be greater than or equal to 1",
+            "conversion.gmnm.init_range: must be (low, high) with low < high",
+            "conversion.groups: must be a positive integer or 'channel'",
+            "conversion: calibrate needs the job's data",
+        ],
+    )
 
 
 def test_max_steps_above_the_limit_is_refused_with_the_spec() -> None:
