@@ -226,13 +226,39 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return _invalid_json(errors[0], exc.body)
     problems = []
-    for error in exc.errors():
+    for error in errors:
         path = _field_path(tuple(error.get("loc", ())))
         problems.append((path, f"{path}: {error.get('msg', 'invalid')}"))
     param = problems[0][0] if problems else None
     message = "Invalid request: " + "; ".join(text for _, text in problems)
     return envelope(400, message, param=param, code="invalid_value")
+
+
+def _invalid_json(error: dict[str, Any], document: Any) -> JSONResponse:
+    # FastAPI reports the decoder's character offset where a field path would be, which the
+    # generic handler would turn into `param: "45"`.
+    loc = tuple(error.get("loc", ()))
+    position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    # The decoder's reasons read "Expecting value", "Unterminated string starting at", ...
+    reason = str((error.get("ctx") or {}).get("error") or "malformed").removesuffix(" at")
+    where = ""
+    if position is not None and isinstance(document, str):
+        line = document.count("\n", 0, position) + 1
+        column = position - document.rfind("\n", 0, position)
+        where = f" at line {line}, column {column} (character {position})"
+    elif position is not None:
+        where = f" at character {position}"
+    return envelope(
+        400,
+        f"The request body is not valid JSON: {reason}{where}. Send one JSON object with "
+        "`Content-Type: application/json`; check the quotes, commas and brackets at that point.",
+        param="body",
+        code="invalid_json",
+    )
 
 
 # How long a client should wait before retrying a request the database could not take.

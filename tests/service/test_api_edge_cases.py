@@ -119,3 +119,21 @@ def test_openapi_documents_416_on_the_content_routes(client: TestClient) -> None
         refused = paths[path]["get"]["responses"]["416"]
         assert refused["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
         assert "Content-Range" in refused["headers"]
+
+
+# request bodies
+
+
+def test_a_body_that_is_not_json_is_named_with_the_position_of_the_mistake(
+    client: TestClient,
+) -> None:
+    response = client.post(
+        "/v1/conversions",
+        content=b'{"model": "prajjwal1/bert-tiny",\n "dry_run": tru}',
+        headers={"Content-Type": "application/json"},
+    )
+    error = assert_envelope(response, 400, "body")
+    assert error["code"] == "invalid_json"
+    message = error["message"]
+    assert "not valid JSON" in message and "line 2, column 13" in message
+    assert "1:" not in message
