@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -80,6 +81,31 @@ class Executor(Protocol):
         (a cancelled one, or one out of attempts). Processes on this host are the supervisor's
         business; this is for jobs that run elsewhere."""
         ...
+
+
+# The server's credentials: its API keys, the database URL (which may hold a password) and the
+# Ray cluster's token. No job program reads them (a job talks to none of the API, the database
+# or Ray), so jobs do not inherit them and nothing a job runs can act as the server. Settings
+# are read whatever the case of their names, hence the match in upper case.
+SERVER_SECRETS = frozenset(
+    {
+        "GMNM_API_KEYS",
+        "GMNM_API_KEYS_FILE",
+        "GMNM_DATABASE_URL",
+        "GMNM_RAY_AUTH_TOKEN",
+        "GMNM_RAY_AUTH_TOKEN_FILE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "PGPASSWORD",
+    }
+)
+
+
+def job_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment without its credentials (SERVER_SECRETS), for a job process."""
+    return {
+        name: value for name, value in environment.items() if name.upper() not in SERVER_SECRETS
+    }
 
 
 def device_environment(devices: str | list[str]) -> dict[str, str]:
@@ -215,7 +241,7 @@ class LocalExecutor:
     def launch(self, launch: Launch) -> LocalProcess:
         launch.out_dir.mkdir(parents=True, exist_ok=True)
         command = resolve_command(launch.program) + launch.arguments
-        env = {**os.environ, **device_environment(launch.devices), **launch.env}
+        env = {**job_environment(os.environ), **device_environment(launch.devices), **launch.env}
         if launch.num_processes > 1:
             command = torchrun_command(command, launch.num_processes)
             # torchrun would pin every rank to one thread; share this host's cores instead.

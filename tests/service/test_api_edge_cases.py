@@ -3,9 +3,12 @@ what a job process inherits from the server."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from fastapi.testclient import TestClient
 from service_helpers import upload, wait_for
 
 import service.routes.jobs as job_routes
+from service.executors import Launch, LocalExecutor
 
 CONVERSION = {"model": "prajjwal1/bert-tiny", "gmnm": {"num_components": 4}}
 
@@ -137,3 +141,55 @@ def test_a_body_that_is_not_json_is_named_with_the_position_of_the_mistake(
     message = error["message"]
     assert "not valid JSON" in message and "line 2, column 13" in message
     assert "1:" not in message
+
+
+# job processes
+
+# What the server's own environment may hold that a job process has no use for.
+SERVER_SECRETS = {
+    "GMNM_API_KEYS": "key-alice,key-bob",
+    "GMNM_API_KEYS_FILE": "/etc/gmnm/keys",
+    "GMNM_DATABASE_URL": "postgresql+psycopg://gmnm:hunter2@db/gmnm",
+    "GMNM_RAY_AUTH_TOKEN": "ray-token",
+    "GMNM_RAY_AUTH_TOKEN_FILE": "/etc/gmnm/ray-token",
+    "RAY_AUTH_TOKEN": "ray-token",
+    "RAY_AUTH_TOKEN_PATH": "/etc/gmnm/ray-token",
+    "PGPASSWORD": "hunter2",
+    # settings are read whatever the case of the variable's name
+    "gmnm_api_keys": "key-carol",
+}
+DUMP_ENVIRONMENT = "import json, os; json.dump(dict(os.environ), open('environment.json', 'w'))"
+
+
+def test_job_processes_do_not_inherit_the_servers_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SERVER_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_TOKEN", "hf-token")
+    monkeypatch.setenv("GMNM_CACHE_DIR", str(tmp_path / "cache"))
+    out_dir = tmp_path / "ftjob-env"
+    launch = Launch(
+        job_id="ftjob-env",
+        kind="fine_tune",
+        program=[sys.executable, "-c", DUMP_ENVIRONMENT],
+        arguments=["--spec", str(out_dir / "spec.json"), "--out", str(out_dir)],
+        out_dir=out_dir,
+        devices=["cpu"],
+        env={"GMNM_JOB_ID": "ftjob-env"},
+    )
+
+    handle = LocalExecutor().launch(launch)
+    deadline = time.monotonic() + 30
+    while handle.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.poll() == 0, (out_dir / "job.log").read_text()
+    environment = json.loads((out_dir / "environment.json").read_text())
+
+    assert sorted(set(SERVER_SECRETS) & set(environment)) == []
+    # what a job does need still reaches it
+    assert environment["GMNM_JOB_ID"] == "ftjob-env"
+    assert environment["GMNM_DEVICE"] == "cpu"
+    assert environment["HF_TOKEN"] == "hf-token"
+    assert environment["GMNM_CACHE_DIR"] == str(tmp_path / "cache")
+    assert environment["PATH"]
