@@ -8,11 +8,15 @@ same training loop on Ray Train workers. The job writes events and checkpoints t
 directory, which every Ray node mounts at the same path, and the supervisor reads them there as
 it does for a local job.
 
-Ray's job statuses map onto exit statuses: PENDING and RUNNING are a running job, SUCCEEDED is
-EXIT_OK, FAILED is the entry point's exit status (error.json written here from Ray's message when
-the program wrote none), STOPPED after the service's `stop_job` is EXIT_CANCELLED when the newest
-checkpoint holds the last step trained (else a forced stop). Ray sends SIGTERM on `stop_job` and
-SIGKILL after `RAY_JOB_STOP_WAIT_TIME_S` (an environment variable of the cluster's nodes).
+Ray's job statuses map onto the service's: PENDING (submitted, but the cluster has not yet found
+the CPUs or GPUs the job asks for) is a running job that is `waiting`; the supervisor says so in
+an event and starts the job's time limit only when Ray starts it. The job stays `running` rather
+than `queued`: it holds this worker's submission, which a cancel must stop on the cluster, and
+no other worker may claim it. RUNNING is a running job; SUCCEEDED is EXIT_OK; FAILED is the entry
+point's exit status (error.json written here from Ray's message when the program wrote none);
+STOPPED after the service's `stop_job` is EXIT_CANCELLED when the newest checkpoint holds the
+last step trained (else a forced stop). Ray sends SIGTERM on `stop_job` and SIGKILL after
+`RAY_JOB_STOP_WAIT_TIME_S` (an environment variable of the cluster's nodes).
 
 The service only calls the Jobs API; Ray's dashboard is never proxied or exposed by it. With
 token authentication on the cluster (`RAY_AUTH_MODE=token`), give the token with
@@ -55,6 +59,9 @@ class RayJobHandle:
         self._status: int | None = None
         self._asked_at = 0.0
         self._stop_requested = False
+        # Whether Ray last reported the job PENDING: not started yet for want of resources (or
+        # while its runtime environment is set up).
+        self.waiting = False
 
     def poll(self) -> int | None:
         if self._status is not None:
@@ -76,7 +83,9 @@ class RayJobHandle:
             logger.warning("could not ask Ray about job %s: %s", self.submission_id, error)
             return None
         if not info.status.is_terminal():
+            self.waiting = str(info.status) == "PENDING"
             return None
+        self.waiting = False
         self._status = self._exit_status(info)
         self._save_logs()
         return self._status

@@ -63,6 +63,7 @@ from service.executors import (
     process_belongs_to,
     signal_group,
 )
+from service.executors_ray import RayJobHandle
 from service.layout import CHECKPOINT_PREFIX, FILE_PREFIX, Layout, new_id
 from service.settings import Settings
 from training import protocol
@@ -94,6 +95,8 @@ class Running:
     stop_sent_at: float | None = None
     # Indices into the worker's device slots that this job holds.
     slots: tuple[int, ...] = ()
+    # Submitted to a Ray cluster that has not started it yet.
+    waiting: bool = False
 
 
 def make_worker_id(hostname: str | None = None) -> str:
@@ -531,13 +534,39 @@ class Supervisor:
             if exit_status is not None:
                 self._settle_exit(session, job, running, exit_status, now)
                 return
+            self._note_waiting(session, running, now)
             limit = self.settings.max_job_minutes * 60
-            if job.status == RUNNING and now - running.attempt_started > limit:
+            overdue = not running.waiting and now - running.attempt_started > limit
+            if job.status == RUNNING and overdue:
                 job.status = CANCELLING
                 job.stop_reason = STOP_TIME_LIMIT
                 job.stop_requested_at = now
             if job.status == CANCELLING:
                 self._pass_on_stop(running, now)
+
+    def _note_waiting(self, session: Session, running: Running, now: float) -> None:
+        """Tell the user when a job waits on its Ray cluster for resources, and when it starts
+        there; its time limit counts from then, since a job the cluster has not started yet has
+        not run."""
+        waiting = isinstance(running.handle, RayJobHandle) and running.handle.waiting
+        if waiting == running.waiting:
+            return
+        running.waiting = waiting
+        if waiting:
+            self._event(
+                session,
+                running.job_id,
+                "Submitted and waiting on the Ray cluster for the CPUs or GPUs the job asks for; "
+                "its time limit (GMNM_MAX_JOB_MINUTES) starts when the cluster starts it.",
+            )
+            return
+        self._event(
+            session,
+            running.job_id,
+            f"Started running on the Ray cluster after waiting "
+            f"{now - running.attempt_started:.0f} s for its resources.",
+        )
+        running.attempt_started = now
 
     def _let_go(self, running: Running) -> None:
         """Drop a job another worker requeued while this one was silent (a pause, a lost

@@ -4,14 +4,20 @@ API client (the real cluster is exercised in test_scale_ray.py)."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+import service.executors_ray
+from service.db import CANCELLING, QUEUED, RUNNING, Database, EventRecord, Job, upgrade
 from service.executors import ExecutorUnavailableError, Launch
 from service.executors_ray import RayExecutor, RayJobHandle
+from service.settings import Settings
+from service.supervisor import Supervisor
 from training import protocol
 
 
@@ -99,6 +105,14 @@ def test_running_and_succeeded_jobs_map_to_running_and_exit_ok_with_the_log_kept
     assert (tmp_path / "job.log").read_text() == "the driver's output\n"
 
 
+def test_a_pending_ray_job_is_waiting_until_the_cluster_starts_it(tmp_path: Path) -> None:
+    job, api = handle(tmp_path, Info(Status("PENDING")))
+    assert job.poll() is None and job.waiting
+    api.jobs["ftjob-1"] = Info(Status("RUNNING"))
+    job._asked_at = 0.0
+    assert job.poll() is None and not job.waiting
+
+
 def test_a_failed_ray_job_keeps_the_engines_error_or_records_rays_message(tmp_path: Path) -> None:
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / protocol.ERROR_FILE).write_text('{"code": "invalid_data", "message": "x"}')
@@ -179,3 +193,70 @@ def test_a_job_still_running_on_the_cluster_is_watched_again_not_submitted_twice
 def test_an_unreachable_cluster_keeps_the_job_queued(tmp_path: Path) -> None:
     with pytest.raises(ExecutorUnavailableError, match="http://head:8265"):
         executor(JobsApi(down=True)).launch(launch(tmp_path))
+
+
+def test_a_job_waiting_for_cluster_resources_says_so_and_its_time_limit_starts_when_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service.executors_ray, "STATUS_INTERVAL_SECONDS", 0.0)
+    limit_seconds = 0.5
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        executor="ray",
+        ray_address="http://head:8265",
+        max_job_minutes=limit_seconds / 60,
+        api_keys=[],
+    )
+    settings.data_dir.mkdir()
+    database = Database(settings.resolved_database_url)
+    upgrade(database)
+    with database.write() as session:
+        session.add(
+            Job(
+                id="ftjob-1",
+                kind="fine_tune",
+                owner="local",
+                status=QUEUED,
+                request={},
+                spec={},
+                created_at=time.time(),
+                attempts=0,
+                resume=False,
+                events_offset=0,
+                result_files=[],
+            )
+        )
+    api = JobsApi()
+    supervisor = Supervisor(settings, database, executor=executor(api))
+    supervisor._register()
+
+    def status_and_messages() -> tuple[str, list[str]]:
+        with database.read() as session:
+            job = session.get(Job, "ftjob-1")
+            assert job is not None
+            events = session.scalars(
+                select(EventRecord.message)
+                .where(EventRecord.job_id == job.id)
+                .order_by(EventRecord.seq)
+            )
+            return job.status, list(events)
+
+    # submitted, and Ray holds it PENDING for longer than the time limit
+    supervisor.tick()
+    assert api.calls == [("submit", "ftjob-1")]
+    time.sleep(1.5 * limit_seconds)
+    supervisor.tick()
+    status, messages = status_and_messages()
+    assert status == RUNNING and ("stop", "ftjob-1") not in api.calls
+    assert "waiting on the Ray cluster" in messages[-1]
+
+    # the cluster starts it: the time limit counts from here
+    api.jobs["ftjob-1"] = Info(Status("RUNNING"))
+    supervisor.tick()
+    status, messages = status_and_messages()
+    assert status == RUNNING and ("stop", "ftjob-1") not in api.calls
+    assert "running on the Ray cluster" in messages[-1]
+    time.sleep(1.5 * limit_seconds)
+    supervisor.tick()
+    assert status_and_messages()[0] == CANCELLING and ("stop", "ftjob-1") in api.calls
+    database.dispose()
