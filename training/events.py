@@ -1,11 +1,11 @@
 """Job events: `events.jsonl` for the service, log lines for people, and `curves.png`.
 
 Every event is one JSON object on its own line, flushed as it is written (format in
-`training.protocol`). Training metrics events carry `train_loss`, `learning_rate`,
-`gmnm_learning_rate`, `grad_norm`, `samples_per_second` (and `tokens_per_second` for text),
-`peak_memory_mb` and `trained_samples`/`trained_tokens`; evaluation events carry the evaluation's
-metrics prefixed `valid_` (`valid_loss`, `valid_accuracy`, `valid_macro_f1`,
-`valid_perplexity`, ...).
+`training.protocol`). Training metrics events carry `train_loss` (and `train_accuracy` for
+classification, both over the logging interval), `learning_rate`, `gmnm_learning_rate`,
+`grad_norm`, `samples_per_second` (and `tokens_per_second` for text), `peak_memory_mb` and
+`trained_samples`/`trained_tokens`; evaluation events carry the evaluation's metrics prefixed
+`valid_` (`valid_loss`, `valid_accuracy`, `valid_macro_f1`, `valid_perplexity`, ...).
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.protocol import EVENT_MESSAGE, EVENT_METRICS, EVENTS_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -106,29 +110,58 @@ def metric_series(events: list[dict[str, Any]], name: str) -> tuple[list[int], l
 
 
 def plot_curves(events_path: Path, target: Path) -> None:
-    """Training and validation loss, and validation accuracy (or perplexity), against steps."""
+    """Write `curves.png`: see `curves_figure`."""
+    import matplotlib.pyplot as plt
+
+    figure = curves_figure(read_events(events_path))
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+
+
+def curves_figure(events: list[dict[str, Any]]) -> Figure:
+    """Training and validation loss on one panel; training and validation accuracy (with the
+    validation macro-F1) on the other, or perplexity for causal LM, all against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = read_events(events_path)
     figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, label in (("train_loss", "training"), ("valid_loss", "validation")):
-        steps, values = metric_series(events, name)
-        if steps:
-            loss_axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
+    _plot(loss_axis, events, [("train_loss", "training"), ("valid_loss", "validation")])
     loss_axis.set(xlabel="step", ylabel="loss", title="Loss")
-    loss_axis.legend()
-    for name in ("valid_accuracy", "valid_macro_f1", "valid_perplexity"):
-        steps, values = metric_series(events, name)
-        if steps:
-            score_axis.plot(steps, values, marker="o", label=name.removeprefix("valid_"))
-    score_axis.set(xlabel="step", title="Validation")
-    score_axis.legend()
+    if metric_series(events, "train_accuracy")[0] or metric_series(events, "valid_accuracy")[0]:
+        _plot(
+            score_axis,
+            events,
+            [
+                ("train_accuracy", "training"),
+                ("valid_accuracy", "validation"),
+                ("valid_macro_f1", "validation macro-F1"),
+            ],
+        )
+        score_axis.set(xlabel="step", ylabel="accuracy", title="Accuracy")
+    else:
+        # a causal LM: the training perplexity follows from the interval's mean loss
+        steps, losses = metric_series(events, "train_loss")
+        perplexities = [math.exp(min(loss, 700.0)) for loss in losses]
+        _plot_line(score_axis, steps, perplexities, "training")
+        _plot(score_axis, events, [("valid_perplexity", "validation")])
+        score_axis.set(xlabel="step", ylabel="perplexity", title="Perplexity", yscale="log")
+    for axis in (loss_axis, score_axis):
+        if axis.lines:
+            axis.legend()
     figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
+    return figure
+
+
+def _plot(axis: Axes, events: list[dict[str, Any]], series: list[tuple[str, str]]) -> None:
+    for name, label in series:
+        _plot_line(axis, *metric_series(events, name), label)
+
+
+def _plot_line(axis: Axes, steps: list[int], values: list[float], label: str) -> None:
+    if steps:
+        axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
 
 
 class Progress:

@@ -215,10 +215,12 @@ class _Window:
     samples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    correct: int = 0  # right predictions of a classification task, over all ranks
+    predicted: int = 0
 
     def reset(self) -> None:
         self.losses.clear()
-        self.samples = self.tokens = 0
+        self.samples = self.tokens = self.correct = self.predicted = 0
         self.seconds = 0.0
 
 
@@ -484,6 +486,7 @@ def _fine_tune(
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         micro_losses = []
+        hits = torch.zeros(2, device=ctx.device)  # right predictions, examples (classification)
         step_tokens = 0
         for micro in range(hp.gradient_accumulation_steps):
             batch = to_device(feeder.next(), ctx.device)
@@ -492,13 +495,18 @@ def _fine_tune(
             with sync:
                 with autocast():
                     logits = forward(train_model, job.library, batch)
-                loss, _, _ = loss_and_stats(task, logits, batch["labels"])
+                loss, _, predictions = loss_and_stats(task, logits, batch["labels"])
                 scaler.scale(loss / hp.gradient_accumulation_steps).backward()
             micro_losses.append(loss.detach().float())
+            if task != "causal-lm":
+                hits[0] += (predictions == batch["labels"]).sum()
+                hits[1] += batch["labels"].numel()
             step_tokens += _batch_tokens(batch, task) * ctx.world_size
-        step_loss = torch.stack(micro_losses).mean().to(ctx.device)
-        distributed.all_reduce(step_loss, ctx)
-        loss_value = float(step_loss) / ctx.world_size
+
+        # the step's loss (a mean over ranks) and right predictions (a sum), in one reduction
+        step_figures = torch.cat([torch.stack(micro_losses).mean().reshape(1), hits])
+        distributed.all_reduce(step_figures, ctx)
+        loss_value = float(step_figures[0]) / ctx.world_size
         if not math.isfinite(loss_value):
             raise DivergedError(
                 f"the training loss became {loss_value} at step {step + 1}; lower "
@@ -523,6 +531,8 @@ def _fine_tune(
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         window.losses.append(loss_value)
+        window.correct += int(step_figures[1])
+        window.predicted += int(step_figures[2])
         window.samples += samples
         window.tokens += step_tokens
         window.seconds += time.perf_counter() - tick
@@ -693,8 +703,11 @@ def _log_training(
     if task != "image-classification":
         values["tokens_per_second"] = window.tokens / seconds
         values["trained_tokens"] = trained_tokens
+    if window.predicted:  # classification: the interval's training batches, all ranks
+        values["train_accuracy"] = window.correct / window.predicted
+    accuracy = f"accuracy {values['train_accuracy']:.3f} " if "train_accuracy" in values else ""
     message = (
-        f"step {step}/{total_steps} loss {values['train_loss']:.4f} "
+        f"step {step}/{total_steps} loss {values['train_loss']:.4f} {accuracy}"
         f"lr {values['learning_rate'] or 0:.3g} {values['samples_per_second']:.1f} samples/s "
         f"{values['peak_memory_mb']:.0f} MB"
     )

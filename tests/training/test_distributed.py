@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import surgery
-from tests.training.helpers import read_json, train_losses
+from tests.training.helpers import read_json, series, train_losses
 from training.finetune import run_fine_tune
 from training.protocol import CHECKPOINT_INFO_FILE, METRICS_FILE
 from training.spec import FineTuneSpec
@@ -60,6 +60,9 @@ def _assert_same_training(reference: Path, other: Path) -> None:
     assert sorted(got) == sorted(expected) == list(range(1, 7))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+    accuracy = series(reference, "train_accuracy")  # right predictions summed over the ranks
+    assert sorted(accuracy) == list(range(1, 7))
+    assert series(other, "train_accuracy") == accuracy
     a = surgery.load(reference / "checkpoints" / "step-6").state_dict()
     b = surgery.load(other / "checkpoints" / "step-6").state_dict()
     for name in a:

@@ -11,8 +11,16 @@ import pytest
 import torch
 
 import surgery
-from tests.training.helpers import checkpoint_dirs, events_of, read_json, train_losses
+from tests.training.helpers import (
+    checkpoint_dirs,
+    events_of,
+    read_json,
+    series,
+    train_losses,
+    training_values,
+)
 from training.evaluate import run_evaluation
+from training.events import curves_figure
 from training.finetune import run_fine_tune
 from training.protocol import CHECKPOINT_INFO_FILE, CURVES_FILE, METRICS_FILE, RESULT_FILE
 from training.spec import EvaluateSpec, FineTuneSpec
@@ -31,6 +39,18 @@ def _assert_loss_falls(out: Path, by: float) -> None:
     losses = list(train_losses(out).values())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < (1 - by) * first, f"loss did not fall by {by:.0%}: {losses}"
+
+
+def _assert_training_events(out: Path, task: str) -> None:
+    """Every training metrics event carries the interval's training accuracy for classification,
+    and none for causal LM."""
+    logged = training_values(out)
+    assert logged
+    for values in logged:
+        if task == "causal-lm":
+            assert "train_accuracy" not in values
+        else:
+            assert 0.0 <= values["train_accuracy"] <= 1.0
 
 
 def _assert_checkpoints_reproduce_metrics(out: Path, spec: FineTuneSpec) -> list[Path]:
@@ -77,6 +97,9 @@ def test_image_classification_fine_tune_of_a_converted_vit(tmp_path: Path, tiny_
         },
     )
     _assert_loss_falls(out, by=0.3)
+    _assert_training_events(out, "image-classification")
+    accuracy = list(series(out, "train_accuracy").values())
+    assert len(accuracy) == 60 and sum(accuracy[-10:]) > sum(accuracy[:10])
     directories = _assert_checkpoints_reproduce_metrics(out, spec)
     assert [d.name for d in directories] == ["step-30", "step-60"]
     metrics = read_json(out / METRICS_FILE)
@@ -85,6 +108,13 @@ def test_image_classification_fine_tune_of_a_converted_vit(tmp_path: Path, tiny_
     assert result["conversion"]["sites_replaced"] == {"activation": 2, "softmax": 2}
     assert result["gmnm_parameters"] > 0 and result["final_checkpoint"] == "checkpoints/step-60"
     assert (out / CURVES_FILE).stat().st_size > 1000
+    loss_axis, accuracy_axis = curves_figure(events_of(out)).axes
+    assert [line.get_label() for line in loss_axis.lines] == ["training", "validation"]
+    assert [line.get_label() for line in accuracy_axis.lines] == [
+        "training",
+        "validation",
+        "validation macro-F1",
+    ]
 
 
 def test_text_classification_fine_tune_of_a_converted_bert(
@@ -106,6 +136,7 @@ def test_text_classification_fine_tune_of_a_converted_bert(
         },
     )
     _assert_loss_falls(out, by=0.3)
+    _assert_training_events(out, "text-classification")
     _assert_checkpoints_reproduce_metrics(out, spec)
     metrics = read_json(out / METRICS_FILE)
     assert metrics["valid_accuracy"] >= 0.7
@@ -132,6 +163,7 @@ def test_causal_lm_fine_tune_of_a_converted_gpt2(
         },
     )
     _assert_loss_falls(out, by=0.3)
+    _assert_training_events(out, "causal-lm")
     _assert_checkpoints_reproduce_metrics(out, spec)
     metrics = read_json(out / METRICS_FILE)
     assert metrics["valid_perplexity"] < 10 and metrics["valid_tokens"] > 0
