@@ -65,6 +65,10 @@ def _configure_logging() -> None:
     handler: logging.Handler = logging.StreamHandler()
     if rank == 0 and sys.stderr.isatty():
         handler = _TqdmHandler()
+    else:
+        # transformers and huggingface_hub draw their own bars (loading weights, writing shards)
+        # even into a log file; their flag is read when they are imported, which is later
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )

@@ -1,12 +1,14 @@
-"""Job events: the curves drawn from them."""
+"""Job events: the curves drawn from them, and the progress bar beside the log lines."""
 
+import io
+import sys
 from typing import Any
 
 import matplotlib.pyplot as plt
 import pytest
 from matplotlib.axes import Axes
 
-from training.events import curves_figure
+from training.events import Progress, curves_figure
 
 
 def _metrics(step: int, **values: float) -> dict[str, Any]:
@@ -56,3 +58,28 @@ def test_curves_of_a_causal_lm_show_training_and_validation_perplexity() -> None
     assert perplexity["training"][1] == pytest.approx([7.389056, 2.718282])
     assert perplexity["validation"] == ([2], [3.3])
     plt.close(figure)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "main_rank", "drawn"),
+    [(_Terminal, True, True), (io.StringIO, True, False), (_Terminal, False, False)],
+)
+def test_progress_bar_is_drawn_only_on_a_terminal_of_the_main_rank(
+    monkeypatch: pytest.MonkeyPatch, stream: type[io.StringIO], main_rank: bool, drawn: bool
+) -> None:
+    stderr = stream()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    progress = Progress(total=8, initial=2, enabled=main_rank)
+    progress.update(3, 0.5)
+    progress.update(4, None)
+    progress.close()
+    written = stderr.getvalue()
+    if drawn:
+        assert "4/8 [" in written and "step/s, loss=0.5000]" in written
+    else:
+        assert written == ""

@@ -1,10 +1,15 @@
 """The entry points as the service runs them: exit statuses, error.json, signals, --resume."""
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -30,27 +35,52 @@ from training.spec import ConvertSpec
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _job(command: str, spec: dict[str, Any] | str, out: Path, *extra: str) -> subprocess.Popen:
+def _command(command: str, spec: dict[str, Any] | str, out: Path, *extra: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out.parent / f"{out.name}-spec.json"
     spec_path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    return [
+        sys.executable,
+        "-m",
+        "training.cli",
+        command,
+        "--spec",
+        str(spec_path),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _job(command: str, spec: dict[str, Any] | str, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "training.cli",
-            command,
-            "--spec",
-            str(spec_path),
-            "--out",
-            str(out),
-            *extra,
-        ],
+        _command(command, spec, out, *extra),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _on_a_terminal(command: list[str]) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal 100 columns wide; returns the status and all output."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the job has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=120), b"".join(chunks).decode(errors="replace")
 
 
 def _finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
@@ -118,6 +148,33 @@ def test_epochs_past_the_step_limit_exit_2_before_training(
     assert error["message"].startswith("hyperparameters.epochs: 50 epochs of ")
     assert "above this job's limit of 20 (limits.max_steps)" in error["message"]
     assert not list_checkpoints(tmp_path / "job")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_on_a_terminal_and_plain_log_lines_otherwise(
+    tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path], terminal: bool
+) -> None:
+    train, _ = reviews
+    spec = {
+        "model": str(tiny_bert),
+        "device": "cpu",
+        "data": {"train": {"path": str(train)}, "max_length": 16},
+        "hyperparameters": {"batch_size": 8, "max_steps": 4, "log_interval": 1},
+    }
+    command = _command("train", spec, tmp_path / "job")
+    if terminal:
+        status, output = _on_a_terminal(command)
+    else:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        status, output = done.returncode, done.stderr
+    assert status == 0, output[-3000:]
+    assert "INFO training.events: step 4/4 loss " in output
+    bar = re.compile(r"4/4 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+step/s, loss=\d\.\d{4}\]")
+    if terminal:
+        assert bar.search(output), output[-3000:]
+    else:  # neither the job's bar nor the libraries' (loading weights, writing shards)
+        assert "\r" not in output and not re.search(r"\d+/\d+ \[", output), output[-3000:]
 
 
 @pytest.mark.slow
