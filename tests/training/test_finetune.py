@@ -4,11 +4,13 @@ Each checks that the loss falls, that every checkpoint opens with surgery.load, 
 evaluation of each checkpoint reproduces the metrics logged when it was written.
 """
 
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import surgery
 from tests.training.helpers import (
@@ -21,9 +23,10 @@ from tests.training.helpers import (
 )
 from training.evaluate import run_evaluation
 from training.events import curves_figure
-from training.finetune import run_fine_tune
+from training.finetune import parameter_groups, run_fine_tune, warmup_cosine
+from training.models import gmnm_parameter_names
 from training.protocol import CHECKPOINT_INFO_FILE, CURVES_FILE, METRICS_FILE, RESULT_FILE
-from training.spec import EvaluateSpec, FineTuneSpec
+from training.spec import EvaluateSpec, FineTuneSpec, Hyperparameters
 
 CONVERSION = {"targets": ["activation", "softmax"], "gmnm": {"num_components": 4}}
 
@@ -42,11 +45,14 @@ def _assert_loss_falls(out: Path, by: float) -> None:
 
 
 def _assert_training_events(out: Path, task: str) -> None:
-    """Every training metrics event carries the interval's training accuracy for classification,
-    and none for causal LM."""
+    """Every training metrics event carries throughput and peak memory, and the interval's
+    training accuracy for classification (none for causal LM)."""
     logged = training_values(out)
     assert logged
     for values in logged:
+        assert values["samples_per_second"] > 0 and values["peak_memory_mb"] > 0
+        if task != "image-classification":
+            assert values["tokens_per_second"] > 0
         if task == "causal-lm":
             assert "train_accuracy" not in values
         else:
@@ -137,6 +143,12 @@ def test_text_classification_fine_tune_of_a_converted_bert(
     )
     _assert_loss_falls(out, by=0.3)
     _assert_training_events(out, "text-classification")
+    rates, gmnm_rates = series(out, "learning_rate"), series(out, "gmnm_learning_rate")
+    schedule = warmup_cosine(total_steps=36, warmup_steps=0)
+    assert sorted(rates) == list(range(1, 37))
+    for step, rate in rates.items():  # logged after the step's scheduler update
+        assert rate == pytest.approx(3e-3 * schedule(step), abs=1e-12)
+        assert gmnm_rates[step] == pytest.approx(10 * rate, abs=1e-12)  # 10x by default
     _assert_checkpoints_reproduce_metrics(out, spec)
     metrics = read_json(out / METRICS_FILE)
     assert metrics["valid_accuracy"] >= 0.7
@@ -243,6 +255,18 @@ def test_converted_pretrained_minilm_evaluates_like_the_original(
     assert result["difference"]["loss"] == pytest.approx(0.0, abs=1e-5)
     assert result["difference"]["accuracy"] == 0.0
 
+    # both models' size and speed: the conversion adds only GMNM parameters
+    converted, original = result["model"], result["compare_to"]
+    assert original["gmnm_parameters"] == 0
+    assert converted["parameters"] == original["parameters"] + converted["gmnm_parameters"]
+    assert converted["latency_ms_per_batch"] > 0 and original["latency_ms_per_batch"] > 0
+    assert result["difference"]["latency_ms_per_batch"] == pytest.approx(
+        converted["latency_ms_per_batch"] - original["latency_ms_per_batch"]
+    )
+    assert converted["batch_size"] == original["batch_size"] == 32
+    messages = [e["message"] for e in events_of(tmp_path) if e["type"] == "metrics"]
+    assert len(messages) == 2 and all("ms per batch of 32" in m for m in messages)
+
 
 def test_calibrated_per_channel_conversion_uses_a_batch_of_the_data(
     tmp_path: Path, tiny_bert: Path, reviews: tuple[Path, Path]
@@ -267,3 +291,63 @@ def test_calibrated_per_channel_conversion_uses_a_batch_of_the_data(
     state = model.state_dict()
     pis = [name for name in surgery.gmnm_parameter_names(model) if name.endswith(".pi")]
     assert pis and all(state[name].shape == (64, 4) for name in pis)  # intermediate_size 64
+
+
+def _converted_mlp() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    probe = torch.randn(2, 4)
+    sites = surgery.plan(model, targets=["activation"], probe_inputs=probe)
+    surgery.convert(model, sites, probe_inputs=probe)
+    return model
+
+
+def test_adamw_groups_give_gmnm_parameters_their_own_rate_and_decay() -> None:
+    model = _converted_mlp()
+    model[3].bias.requires_grad_(False)  # a frozen parameter is left out
+    hp = Hyperparameters(
+        learning_rate=1e-3, weight_decay=0.05, gmnm_learning_rate=2e-2, gmnm_weight_decay=1e-4
+    )
+    groups = parameter_groups(model, gmnm_parameter_names(model), hp)
+    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    found = {
+        group["name"]: ({names[id(p)] for p in group["params"]}, group["lr"], group["weight_decay"])
+        for group in optimizer.param_groups
+    }
+    assert found == {
+        "decay": ({"0.weight", "3.weight"}, 1e-3, 0.05),
+        "no_decay": ({"0.bias", "2.weight", "2.bias"}, 1e-3, 0.0),
+        "gmnm": ({"1.pi", "1.mu", "1.rho"}, 2e-2, 1e-4),
+    }
+
+    # the GMNM rate defaults to ten times the model's; a model without GMNM has no such group
+    default = parameter_groups(model, gmnm_parameter_names(model), Hyperparameters())
+    assert default[-1]["name"] == "gmnm" and default[-1]["lr"] == pytest.approx(5e-4)
+    plain = nn.Sequential(nn.Linear(4, 2))
+    assert [g["name"] for g in parameter_groups(plain, set(), hp)] == ["decay", "no_decay"]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero() -> None:
+    multiplier = warmup_cosine(total_steps=10, warmup_steps=4)
+    values = [multiplier(done) for done in range(12)]
+    assert values[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)]
+    assert values[4:11] == pytest.approx(cosine)
+    assert values[7] == pytest.approx(0.5) and values[10] == pytest.approx(0.0)
+    assert values[11] == pytest.approx(0.0)  # past the last step it stays at zero
+    no_warmup = warmup_cosine(total_steps=4, warmup_steps=0)
+    assert [no_warmup(done) for done in range(5)] == pytest.approx(
+        [1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6
+    )
+
+    # the scheduler scales every group alike, so the GMNM rate keeps its ratio
+    model = _converted_mlp()
+    hp = Hyperparameters(learning_rate=1e-3, gmnm_learning_rate=3e-3)
+    optimizer = torch.optim.AdamW(parameter_groups(model, gmnm_parameter_names(model), hp))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    for done in range(1, 8):
+        optimizer.step()
+        scheduler.step()
+        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        assert rates["decay"] == pytest.approx(1e-3 * multiplier(done))
+        assert rates["gmnm"] == pytest.approx(3 * rates["decay"])
