@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from training.archive import ArchiveLimits, check_image_bytes
 from training.data import Examples, LazyInputs, LoadedData, _label_text
 from training.errors import DataError
 from training.spec import DataSource
@@ -26,6 +27,7 @@ _FALLBACK_COLUMNS = {
     "label": ("label", "labels", "fine_label", "coarse_label"),
     "image": ("image", "img", "picture"),
 }
+_FIX_ROW = "replace or drop that row (e.g. with Dataset.filter) and save the data set again"
 
 
 class HFColumn(LazyInputs):
@@ -102,6 +104,7 @@ def _examples(dataset: Any, source: DataSource, task: str, where: str) -> Exampl
     locations = [f"{where} row {i}" for i in range(len(dataset))]
     inputs: Sequence[Any]
     if kind == "image":
+        _check_images(dataset, input_column, where)
         inputs = HFColumn(dataset, input_column)
     else:
         inputs = [str(value) for value in dataset[input_column]]
@@ -119,6 +122,41 @@ def _examples(dataset: Any, source: DataSource, task: str, where: str) -> Exampl
             _label_text(v, loc, label_column) for v, loc in zip(values, locations, strict=True)
         ]
     return Examples(kind, inputs, labels, locations, where, classes)
+
+
+def _check_images(dataset: Any, column: str, where: str) -> None:
+    """Check every image of the split once, undecoded, as archive images are: an unreadable one
+    is refused here, naming its row, instead of when its batch comes up during training."""
+    import datasets
+
+    if not isinstance(dataset.features[column], datasets.Image):
+        return  # arrays and the like: preprocessing checks their shape example by example
+    undecoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    limits = ArchiveLimits()
+    row = 0
+    for batch in undecoded.iter(batch_size=256):
+        for value in batch[column]:
+            _check_image(value, f"{where} row {row}", limits)
+            row += 1
+
+
+def _check_image(value: dict[str, Any] | None, where: str, limits: ArchiveLimits) -> None:
+    """`value` is what `datasets.Image(decode=False)` gives: the image's bytes or its file."""
+    if value is None or (value.get("bytes") is None and not value.get("path")):
+        raise DataError(f"{where} holds no image; {_FIX_ROW}")
+    data = value.get("bytes")
+    if data is None:
+        try:
+            data = Path(value["path"]).read_bytes()
+        except OSError as error:
+            raise DataError(
+                f"{where}: cannot read its image file {value['path']!r} ({error.strerror}); "
+                + _FIX_ROW
+            ) from None
+    try:
+        check_image_bytes(data, where, limits)
+    except DataError as error:
+        raise DataError(f"{error.message}; {_FIX_ROW}") from None
 
 
 def load_hf_source(source: DataSource, task: str) -> LoadedData:

@@ -278,3 +278,45 @@ def test_a_data_set_named_for_validation_gives_its_held_out_split(tmp_path: Path
         "good",
         "fine",
     ]
+
+
+def _save_images(directory: Path, test_images: list[bytes | None]) -> None:
+    """A save_to_disk image data set: three good train images and the given test ones."""
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["dark", "light"])}
+    )
+
+    def split(images: list[bytes | None]) -> datasets.Dataset:
+        rows = [None if data is None else {"bytes": data, "path": None} for data in images]
+        labels = [i % 2 for i in range(len(images))]
+        return datasets.Dataset.from_dict({"image": rows, "label": labels}, features=features)
+
+    train = split([_png(10), _png(200), _png(30)])
+    datasets.DatasetDict({"train": train, "test": split(test_images)}).save_to_disk(directory)
+
+
+def test_saved_image_data_set_loads_with_its_images(tmp_path: Path) -> None:
+    _save_images(tmp_path / "ds", [_png(90)])
+    loaded = load_source(
+        DataSource(hf_dataset=str(tmp_path / "ds")), "image-classification", tmp_path
+    )
+    assert loaded.train.labels == ["dark", "light", "dark"]
+    assert loaded.train.inputs[1].size == (6, 6)
+    assert loaded.held_out is not None and len(loaded.held_out) == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n broken", r"ds test row 1 is not a readable image \(.*\); replace or"),
+        (None, "ds test row 1 holds no image; replace or drop that row"),
+    ],
+)
+def test_unreadable_image_in_a_saved_data_set_is_refused_when_it_is_loaded(
+    tmp_path: Path, bad: bytes | None, message: str
+) -> None:
+    _save_images(tmp_path / "ds", [_png(90), bad, _png(20)])
+    with pytest.raises(DataError, match=message):
+        load_source(DataSource(hf_dataset=str(tmp_path / "ds")), "image-classification", tmp_path)
