@@ -325,11 +325,8 @@ def _entry(
             groups=count or 1,
             init_range=init_range,
         )
-    copies = 1
-    # each call gets its own parameters when the caller, which restarts the count, is above it
     per_call = site.route == ROUTE_MODULE and site.shared and not share_calls
-    if per_call and site.caller is not None and _is_below(site.path, site.caller):
-        copies = max(site.calls_per_caller, 1)
+    copies = sum(site.callers.values()) if per_call and site.callers else 1
     if site.route == ROUTE_MODULE:
         module_path = site.path
     else:
@@ -341,10 +338,6 @@ def _entry(
         "module": module_path,
         "copies": copies,
     }
-
-
-def _is_below(path: str, ancestor: str) -> bool:
-    return not ancestor or path.startswith(ancestor + ".")
 
 
 def _check_groups(sites: list[Site], groups: int | str) -> None:
@@ -446,7 +439,25 @@ def _build(entry: dict[str, Any], model: nn.Module) -> nn.Module:
         base = FunctionalActivation(site.op or "", site.arguments)
     copies = int(entry.get("copies", 1))
     activations = [GMNMActivation.from_config(config, base_module=base) for _ in range(copies)]
-    return activations[0] if copies == 1 else CallSiteActivations(activations)
+    if copies == 1:
+        return activations[0]
+    callers = _callers(site, copies)
+    return CallSiteActivations(activations, list(callers.values()))
+
+
+def _callers(site: Site, copies: int) -> dict[str, int]:
+    """Who calls a site with per-call modules, and how often per call of theirs.
+
+    Manifests from before sites recorded `callers` had per-call modules for a single caller only.
+    """
+    callers = site.callers or ({site.caller: copies} if site.caller is not None else {})
+    if sum(callers.values()) != copies:
+        raise ManifestError(
+            f"site {site.path} has {copies} per-call modules but its callers {callers} make "
+            f"{sum(callers.values())} calls; the manifest was edited or is damaged, save the "
+            "model again from the converted original"
+        )
+    return callers
 
 
 def apply_entries(
@@ -467,9 +478,8 @@ def apply_entries(
         if site.route == ROUTE_MODULE:
             _replace_module(model, site.path, module)
             if isinstance(module, CallSiteActivations):
-                assert site.caller is not None
-                route = forward_routes.setdefault(site.caller, Route())
-                route.resets.append(site.path[len(site.caller) + 1 :] if site.caller else site.path)
+                for index, caller in enumerate(_callers(site, len(module.calls))):
+                    forward_routes.setdefault(caller, Route()).calls.append((module, index))
             continue
         owner = model.get_submodule(site.owner)
         key = f"{site.op}_{site.index}"

@@ -503,6 +503,11 @@ def _moved_site(site: dict[str, Any], paths: PathMap) -> dict[str, Any] | None:
         moved["caller"] = paths(site["caller"])
         if moved["caller"] is None:
             return None
+    if site.get("callers"):
+        callers = {paths(caller): calls for caller, calls in site["callers"].items()}
+        if None in callers:
+            return None  # its per-call modules include the calls of a head that is gone
+        moved["callers"] = callers
     if site.get("route", ROUTE_MODULE) == ROUTE_MODULE:
         moved["path"] = paths(site["path"])
         if moved["path"] is None:

@@ -57,7 +57,11 @@ class Site:
     `path` is the module path for module sites and `owner:op#index` for a functional call (the
     index-th call of that op family within one call of the owner's forward). `shared` marks an
     activation module called from several places; the conversion then gives each call its own
-    parameters (or one set, with `share_calls=True`).
+    parameters (or one set, with `share_calls=True`). `callers` holds the modules whose forward
+    calls it, each with the most calls within one call of that module: the conversion gives each
+    of those calls its own parameters. A module registered at several paths becomes one module
+    per path and which path a caller goes through is not traced, so there `callers` only names
+    a single caller above the path.
     """
 
     path: str
@@ -73,6 +77,7 @@ class Site:
     calls: int = 0
     calls_per_caller: int = 1
     caller: str | None = None
+    callers: dict[str, int] = field(default_factory=dict)
     shape: list[int] | None = None
     heads: int | None = None
     dim: int | None = None
@@ -139,7 +144,7 @@ class Plan:
         for site in self.sites:
             note = site.implementation if site.replace else f"{site.implementation}: {site.reason}"
             if site.shared:
-                note += f" (shared: {site.calls_per_caller} calls per call of its caller)"
+                note += f" (shared: {_calls_note(site)})"
             rows.append(
                 (site.path, site.kind, "yes" if site.replace else "no", str(site.params), note)
             )
@@ -270,12 +275,33 @@ def _module_sites(model: nn.Module, trace: Trace) -> list[Site]:
         site.shared = (
             aliases[id(module)] > 1 or site.calls_per_caller > 1 or len(record.callers) > 1
         )
+        site.callers = _callers(path, record, aliased=aliases[id(module)] > 1)
         if kind == SOFTMAX:
             _classify_softmax(site, getattr(module, "dim", None), record.shape)
         elif kind == ACTIVATION and is_head_path(path):
             site.kind = HEAD
         sites.append(site)
     return sites
+
+
+def _callers(path: str, record: ModuleRecord, *, aliased: bool) -> dict[str, int]:
+    """The callers of a module site whose calls get parameters of their own, in path order."""
+    callers = dict(sorted(record.callers.items()))
+    if not aliased:
+        return callers
+    # the module's other paths are sites of their own, and which path a caller goes through is
+    # not traced: only a single caller above this path is known to go through it
+    caller = next(iter(callers)) if len(callers) == 1 else None
+    if caller is not None and (not caller or path.startswith(caller + ".")):
+        return callers
+    return {}
+
+
+def _calls_note(site: Site) -> str:
+    if len(site.callers) > 1:
+        calls = ", ".join(f"{caller or '<model>'} x{n}" for caller, n in site.callers.items())
+        return f"called by {calls}"
+    return f"{site.calls_per_caller} calls per call of its caller"
 
 
 def _call_sites(trace: Trace, task_model: bool) -> list[Site]:
@@ -402,5 +428,5 @@ def _parameter_count(site: Site, config: GMNMConfig) -> int:
     if is_softmax_site(site):
         return 3 * k * (site.heads or 1)
     per_call = 3 * k + (2 if config.init == "fit" else 0)
-    copies = site.calls_per_caller if site.shared else 1
+    copies = sum(site.callers.values()) if site.shared and site.callers else 1
     return per_call * copies

@@ -43,37 +43,58 @@ class Route:
 
     `check_frames` is set when modules below the owner also run ops of a routed family (Whisper's
     encoder layers run GELU while the encoder's own forward is active): a call is then only routed
-    when it is made by the owner's own code, found by walking the Python stack. `resets` names
-    `CallSiteActivations` below the owner whose call counter restarts with each owner call.
+    when it is made by the owner's own code, found by walking the Python stack. `calls` names
+    the `CallSiteActivations` the owner calls, with the owner's index among their callers: the
+    owner's forward runs as that caller of each (a reference, as the owner need not be above
+    the activation in the module tree; a deepcopy of the whole model maps it to the copy).
     """
 
     targets: dict[str, dict[int, str]] = field(default_factory=dict)
     check_frames: bool = False
-    resets: list[str] = field(default_factory=list)
+    calls: list[tuple[CallSiteActivations, int]] = field(default_factory=list)
     eager: Callable[..., Any] | None = None
 
 
 class CallSiteActivations(nn.Module):
-    """An activation module that its caller calls several times, one GMNM module per call.
+    """An activation module called several times per forward, one GMNM module per call.
 
-    The i-th call within one call of the caller goes to `calls[i]`; the caller's route restarts
-    the count each time the caller runs.
+    `calls_per_caller[c]` modules belong to the c-th caller (a module whose forward calls the
+    activation), in order: the i-th call within one call of that caller goes to its i-th module.
+    Each caller's route marks it as the running caller while its forward runs (nested callers
+    stack), which restarts its count.
     """
 
     _gmnm_container = True
 
-    def __init__(self, activations: list[GMNMActivation]) -> None:
+    def __init__(
+        self, activations: list[GMNMActivation], calls_per_caller: list[int] | None = None
+    ) -> None:
         super().__init__()
+        counts = calls_per_caller or [len(activations)]
+        if min(counts) < 1 or sum(counts) != len(activations):
+            raise ValueError(
+                f"calls per caller {counts} do not add up to the {len(activations)} activations"
+            )
         self.calls = nn.ModuleList(activations)
-        self._next = 0
+        self.calls_per_caller = counts
+        self._first = [sum(counts[:caller]) for caller in range(len(counts))]
+        self._next = [0] * len(counts)
+        self._running: list[int] = []
 
-    def reset(self) -> None:
-        self._next = 0
+    def enter(self, caller: int) -> None:
+        self._running.append(caller)
+        self._next[caller] = 0
+
+    def leave(self) -> None:
+        self._running.pop()
 
     def forward(self, x: Tensor) -> Tensor:
-        index = self._next
-        self._next = (index + 1) % len(self.calls)
-        out: Tensor = self.calls[index](x)
+        # a call from outside every traced caller (a path the probe did not take) counts as the
+        # first caller's
+        caller = self._running[-1] if self._running else 0
+        index = self._next[caller]
+        self._next[caller] = (index + 1) % self.calls_per_caller[caller]
+        out: Tensor = self.calls[self._first[caller] + index](x)
         return out
 
 
@@ -184,13 +205,16 @@ def _routed_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         route: Route = getattr(self, ROUTE_ATTR)
-        for name in route.resets:
-            child: Any = self.get_submodule(name)
-            child.reset()
-        if not route.targets:
-            return original(self, *args, **kwargs)
-        with RouteMode(self, route):
-            return original(self, *args, **kwargs)
+        for activation, caller in route.calls:
+            activation.enter(caller)
+        try:
+            if not route.targets:
+                return original(self, *args, **kwargs)
+            with RouteMode(self, route):
+                return original(self, *args, **kwargs)
+        finally:
+            for activation, _ in route.calls:
+                activation.leave()
 
     return forward
 

@@ -38,7 +38,8 @@ class ModuleRecord:
 
     calls: int = 0
     max_calls_per_caller_call: int = 0
-    callers: set[str] = field(default_factory=set)
+    # each module whose own forward called it -> the most calls within one call of that module
+    callers: dict[str, int] = field(default_factory=dict)
     shape: tuple[int, ...] | None = None
 
 
@@ -136,11 +137,10 @@ class _Tracer:
             caller = self._owner()
             if caller is not None:
                 assert caller.path is not None
-                record.callers.add(caller.path)
                 caller.counters["module:" + path] += 1
-                record.max_calls_per_caller_call = max(
-                    record.max_calls_per_caller_call, caller.counters["module:" + path]
-                )
+                count = caller.counters["module:" + path]
+                record.callers[caller.path] = max(record.callers.get(caller.path, 0), count)
+                record.max_calls_per_caller_call = max(record.max_calls_per_caller_call, count)
             if args and isinstance(args[0], Tensor):
                 record.shape = tuple(args[0].shape)
                 self._record_range(path, args[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from surgery_models import timm_probe, tiny_timm, tiny_transformers
+from timm.models import build_model_with_cfg, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -20,6 +23,7 @@ from transformers import (
 import surgery
 from gmnm import GMNMActivation, GMNMConfig, GMNMSoftmax
 from surgery.inputs import max_abs_diff
+from surgery.persistence import MANIFEST_FILE
 from surgery.routing import CallSiteActivations
 from surgery.trace import evaluation, run_model
 
@@ -154,6 +158,122 @@ def test_shared_activations_of_a_timm_model_round_trip(tmp_path: Any) -> None:
     expected = _outputs(model, probe)
     surgery.save(model, tmp_path)
     assert max_abs_diff(expected, _outputs(surgery.load(tmp_path), probe)) == 0.0
+
+    # manifests written before sites recorded their callers load alike
+    manifest_path = tmp_path / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["sites"]:
+        entry["site"].pop("callers")
+    manifest_path.write_text(json.dumps(manifest))
+    assert max_abs_diff(expected, _outputs(surgery.load(tmp_path), probe)) == 0.0
+
+
+class _Child(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor, outer_act: nn.Module) -> torch.Tensor:
+        return outer_act(self.act(self.fc(x)))
+
+
+class _ParentAndChildCallOneActivation(nn.Module):
+    """The root calls its child's `act`, and the child calls the root's `act` it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.SiLU()
+        self.child = _Child()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.child(self.act(self.child.act(self.fc(x))), self.act)
+
+
+def test_an_activation_called_from_several_modules_gets_parameters_per_call_site() -> None:
+    torch.manual_seed(0)
+    probe = torch.randn(4, 8)
+    model = _ParentAndChildCallOneActivation()
+    plan = surgery.plan(model, probe_inputs=probe)
+    assert [(site.path, site.shared) for site in plan.sites] == [("act", True), ("child.act", True)]
+
+    report = surgery.convert(model, plan, probe_inputs=probe)
+    assert report.max_abs_diff == 0.0 and report.audit == []
+    assert len(surgery.gmnm_parameter_names(model)) == 4 * 3
+    assert plan.to_dict()["params_to_add"] == 4 * 3 * 8
+    assert [site.callers for site in plan.sites] == [{"": 1, "child": 1}] * 2
+    # each call site runs its own module, once per forward (in a deep copy too)
+    copied = copy.deepcopy(model)
+    ran: list[str] = []
+    for path in ("act", "child.act"):
+        for index, module in enumerate(copied.get_submodule(path).calls):
+            module.register_forward_hook(lambda *_, name=f"{path}.calls.{index}": ran.append(name))
+    _outputs(copied, probe)
+    assert sorted(ran) == ["act.calls.0", "act.calls.1", "child.act.calls.0", "child.act.calls.1"]
+
+    # and asked to, one set for all of them
+    shared = _ParentAndChildCallOneActivation()
+    surgery.convert(shared, surgery.plan(shared, probe_inputs=probe), share_calls=True)
+    assert isinstance(shared.act, GMNMActivation) and isinstance(shared.child.act, GMNMActivation)
+
+
+class _BlockCallingAnActivationItIsHanded(BasicBlock):
+    def forward(self, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return act(out) if act is not None else out
+
+
+class _SharedActivationResNet(ResNet):
+    """A tiny ResNet whose root and first block call each other's activations: the root's
+    `act1` is called by the root and by `layer1.0`, `layer4.0.act2` by its block and the root."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(block=_BlockCallingAnActivationItIsHanded, layers=[1, 1, 1, 1], **kwargs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer1[0](x, self.act1)
+        return self.layer4(self.layer3(self.layer2(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.layer4[0].act2(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+
+@register_model
+def gmnm_test_shared_activation_resnet(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    # surgery.load rebuilds a timm model by its registered name
+    name = "gmnm_test_shared_activation_resnet"
+    # a pretrained_cfg of its own keeps timm from warning that none is registered
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {
+        "architecture": name,
+        "input_size": (3, 32, 32),
+        "classifier": "fc",
+    }
+    return build_model_with_cfg(_SharedActivationResNet, name, pretrained, **kwargs)
+
+
+def test_activations_called_from_several_modules_of_a_timm_model_round_trip(
+    tmp_path: Any,
+) -> None:
+    model = timm.create_model("gmnm_test_shared_activation_resnet", num_classes=3).eval()
+    probe = torch.randn(2, 3, 32, 32)
+    plan = surgery.plan(model, probe_inputs=probe)
+    report = surgery.convert(model, plan, GMNMConfig(num_components=2), probe_inputs=probe)
+    assert report.max_abs_diff == 0.0 and report.audit == []
+    assert isinstance(model.act1, CallSiteActivations)
+    assert isinstance(model.layer4[0].act2, CallSiteActivations)
+    _perturb(model)
+    expected = _outputs(model, probe)
+    surgery.save(model, tmp_path)
+    loaded = surgery.load(tmp_path)
+    assert surgery.gmnm_parameter_names(loaded) == surgery.gmnm_parameter_names(model)
+    assert max_abs_diff(expected, _outputs(loaded, probe)) == 0.0
+    # each call site's parameters are its own: changing one changes the output
+    with torch.no_grad():
+        loaded.act1.calls[1].pi.add_(0.5)
+    assert max_abs_diff(expected, _outputs(loaded, probe)) > 0
 
 
 def test_a_relu_built_inside_a_head_forward_is_routed_when_heads_are_targeted() -> None:
