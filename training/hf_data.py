@@ -133,11 +133,9 @@ def _check_images(dataset: Any, column: str, where: str) -> None:
         return  # arrays and the like: preprocessing checks their shape example by example
     undecoded = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
     limits = ArchiveLimits()
-    row = 0
-    for batch in undecoded.iter(batch_size=256):
-        for value in batch[column]:
-            _check_image(value, f"{where} row {row}", limits)
-            row += 1
+    values = (value for batch in undecoded.iter(batch_size=256) for value in batch[column])
+    for row, value in enumerate(values):
+        _check_image(value, f"{where} row {row}", limits)
 
 
 def _check_image(value: dict[str, Any] | None, where: str, limits: ArchiveLimits) -> None:
