@@ -15,6 +15,7 @@ from surgery.errors import (
     RemoteCodeRefusedError,
     SurgeryError,
     UnknownModelError,
+    UnmatchedPatternError,
     UnsupportedModelError,
 )
 from surgery.inputs import example_inputs
@@ -37,6 +38,7 @@ __all__ = [
     "SourceInfo",
     "SurgeryError",
     "UnknownModelError",
+    "UnmatchedPatternError",
     "UnsupportedModelError",
     "audit",
     "convert",

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         RemoteCodeRefusedError,
         SurgeryError,
         UnknownModelError,
+        UnmatchedPatternError,
         UnsupportedModelError,
         convert,
         example_inputs,
@@ -145,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
             calibration_inputs=example_inputs(loaded) if args.calibrate else None,
         )
         out = save(loaded.model, args.out)
-    except (UnknownModelError, UnsupportedModelError, RemoteCodeRefusedError) as error:
+    except (
+        UnknownModelError,
+        UnsupportedModelError,
+        RemoteCodeRefusedError,
+        UnmatchedPatternError,
+    ) as error:
         logger.error("%s", error)
         return EXIT_INVALID
     except SurgeryError as error:

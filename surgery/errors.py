@@ -23,5 +23,9 @@ class ConversionError(SurgeryError):
     """A conversion was asked for something it cannot do (bad plan, settings or model state)."""
 
 
+class UnmatchedPatternError(ConversionError):
+    """An include pattern matches no site of the model (a typo, or a path that is not a site)."""
+
+
 class ManifestError(SurgeryError):
     """A saved directory is incomplete or its manifest does not match the model it describes."""

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from gmnm import GMNMConfig
-from surgery.errors import ConversionError, UnsupportedModelError
+from surgery.errors import ConversionError, UnmatchedPatternError, UnsupportedModelError
 from surgery.registry import (
     ACTIVATION,
     GATE,
@@ -182,7 +182,9 @@ def plan(
             classification heads).
         include, exclude: glob patterns on site paths (and on the owner module's path for calls
             inside a forward); a site is replaced when its kind is targeted, it matches an include
-            pattern (when any is given) and no exclude pattern.
+            pattern (when any is given) and no exclude pattern. An include pattern that matches
+            no site raises `UnmatchedPatternError`; an exclude pattern that matches none is
+            logged as a warning (it excludes nothing, which changes nothing).
         config: the GMNM settings the conversion will use (for the parameter counts).
         probe_inputs: inputs for the traced forward pass; by default `example_inputs(model)`.
     """
@@ -212,6 +214,7 @@ def plan(
     task_model = getattr(model, "base_model", model) is not model
     sites = _module_sites(model, trace) + _call_sites(trace, task_model)
     sites += _unreached_attention(model, trace)
+    _check_patterns(type(model).__name__, sites, include_list, exclude_list)
     for site in sites:
         _decide(site, targets, include_list, exclude_list)
         site.params = _parameter_count(site, config)
@@ -393,6 +396,35 @@ def _classify_softmax(site: Site, dim: int | None, shape: tuple[int, ...] | None
         site.heads = None
 
 
+def _matched_names(site: Site) -> list[str]:
+    """The names include/exclude patterns are matched against: the path, and a call's owner."""
+    return [site.path, site.owner] if site.owner != site.path else [site.path]
+
+
+def _check_patterns(
+    model_name: str, sites: list[Site], include: list[str] | None, exclude: list[str] | None
+) -> None:
+    """Refuse include patterns that match no site; warn about exclude patterns that match none."""
+    names = [name for site in sites for name in _matched_names(site)]
+
+    def unmatched(patterns: list[str] | None) -> list[str]:
+        return [p for p in patterns or [] if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    examples = ", ".join(repr(site.path) for site in sites[:5]) or "none"
+    hint = (
+        f"patterns match whole site paths such as {examples}; list every site with "
+        "surgery.plan(model).table() or `gmnm convert MODEL --dry-run`"
+    )
+    missing = unmatched(include)
+    if missing:
+        raise UnmatchedPatternError(
+            f"include pattern(s) {', '.join(map(repr, missing))} match no site of {model_name}, "
+            f"so nothing they name would be converted; {hint}"
+        )
+    for pattern in unmatched(exclude):
+        logger.warning("exclude pattern %r matches no site of %s; %s", pattern, model_name, hint)
+
+
 def _decide(
     site: Site, targets: tuple[str, ...], include: list[str] | None, exclude: list[str] | None
 ) -> None:
@@ -405,7 +437,7 @@ def _decide(
             "targets to convert it"
         )
         return
-    names = [site.path, site.owner] if site.owner != site.path else [site.path]
+    names = _matched_names(site)
     if include is not None and not any(
         fnmatch.fnmatchcase(name, pattern) for name in names for pattern in include
     ):

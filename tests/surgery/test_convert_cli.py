@@ -59,3 +59,12 @@ def test_bad_references_and_options_exit_with_status_2(model_dir: Path) -> None:
     assert main(["convert", str(model_dir)]) == 2  # no --out
     assert main(["convert", str(model_dir), "--dry-run", "--targets", "everything"]) == 2
     assert main(["convert", str(model_dir), "--dry-run", "--groups", "two"]) == 2
+
+
+def test_an_include_pattern_that_matches_nothing_exits_2_and_saves_nothing(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out_dir = tmp_path / "out"
+    code = main(["convert", str(model_dir), "--out", str(out_dir), "--include", "h.9.*"])
+    assert code == 2 and not out_dir.exists()
+    assert "'h.9.*' match no site of GPT2Model" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -90,6 +91,30 @@ def test_include_patterns_restrict_the_plan_to_matching_sites() -> None:
         "encoder.layer.1.intermediate.intermediate_act_fn",
         "encoder.layer.1.attention.self:softmax#0",
     }
+
+
+def test_an_include_pattern_that_matches_no_site_is_refused_naming_paths_that_exist() -> None:
+    model = tiny_timm("resnet18")
+    probe = timm_probe("resnet18")
+    with pytest.raises(
+        surgery.UnmatchedPatternError, match="'layer9.\\*' match no site"
+    ) as refused:
+        surgery.plan(model, include=["layer1.*", "layer9.*"], probe_inputs=probe)
+    assert "'layer1.0.act1'" in str(refused.value) and "--dry-run" in str(refused.value)
+    # a path that is a module but not a site matches nothing either: sites are below it
+    with pytest.raises(surgery.UnmatchedPatternError, match="'layer1' match no site"):
+        surgery.plan(model, include=["layer1"], probe_inputs=probe)
+
+
+def test_an_exclude_pattern_that_matches_no_site_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = tiny_timm("resnet18")
+    with caplog.at_level(logging.WARNING, logger="surgery"):
+        plan = surgery.plan(model, exclude=["layer9.*"], probe_inputs=timm_probe("resnet18"))
+    assert all(site.replace for site in plan.sites)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'layer9.*' matches no site of ResNet" in warnings[0]
 
 
 def test_unknown_target_kinds_are_refused_with_the_valid_kinds() -> None:
