@@ -210,7 +210,22 @@ class GMNMActivation(_MixtureParameters):
             self.pi.normal_(0.0, 1.0 / math.sqrt(k))
             self.mu.uniform_(low, high)
 
+    def _check_channels(self, x: Tensor) -> None:
+        """Refuse an input of another width than `channels`: the groups would silently span
+        several channels each (or fail to divide them)."""
+        channels = self._config.channels
+        width = x.shape[-1] if x.dim() else 1
+        if channels is None or width == channels:
+            return
+        raise ValueError(
+            f"GMNMActivation was built for channels={channels} along the last dimension (groups="
+            f"{self._config.groups}), but the input has {width} (shape {tuple(x.shape)}); build "
+            f"it with channels={width} and groups dividing {width}, or leave channels unset "
+            "(groups=1) to share one parameter set across any width"
+        )
+
     def forward(self, x: Tensor) -> Tensor:
+        self._check_channels(x)
         if self._runtime_base == LINEAR_BASE:
             return GF.activation(x, self.pi, self.mu, self.rho, LINEAR_BASE, self.a, self.c)
         if self._runtime_base is None:
@@ -234,6 +249,7 @@ class GMNMActivation(_MixtureParameters):
                 "calibrate() moves the components of a residual module that has already been "
                 "trained (pi != 0) and would change its output; calibrate before training"
             )
+        self._check_channels(x)
         low, high = self._recentre(x, dim=-1)
         if self._config.init == "fit" and high > low:
             self._fit(low, high)

@@ -61,6 +61,19 @@ def test_groups_that_do_not_divide_channels_are_refused_with_the_valid_choices()
         GMNMActivation(4, groups=2)
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpp", "compile", "recompute", "reference"])
+@pytest.mark.parametrize("groups", [1, 3, 12])
+def test_an_input_of_another_width_than_channels_is_refused(backend: str, groups: int) -> None:
+    gmnm.set_backend(backend)
+    module = GMNMActivation(4, base="gelu", channels=12, groups=groups, init="random")
+    assert module(torch.randn(2, 12)).shape == (2, 12)
+    for width in (24, 6, 13):
+        with pytest.raises(ValueError, match=f"channels=12 .* the input has {width} .*channels="):
+            module(torch.randn(2, width))
+    with pytest.raises(ValueError, match="the input has 24"):
+        module.calibrate(torch.randn(2, 24))
+
+
 def test_config_round_trips_through_a_dict() -> None:
     config = GMNMConfig(num_components=4, base="silu", init="fit", channels=8, groups=2)
     assert GMNMConfig.from_dict(config.to_dict()) == config

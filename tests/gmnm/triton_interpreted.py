@@ -104,6 +104,19 @@ def check_residual_modules_are_exact() -> None:
     print("residual modules are exact")
 
 
+def check_an_input_of_another_width_than_channels_is_refused() -> None:
+    gmnm.set_backend("triton")
+    module = gmnm.GMNMActivation(4, base="gelu", channels=12, groups=12, init="random")
+    module(torch.randn(2, 12))
+    try:
+        module(torch.randn(2, 24))
+    except ValueError as error:
+        assert "channels=12" in str(error) and "the input has 24" in str(error), error
+    else:
+        raise AssertionError("a 24-channel input was accepted by a 12-channel module")
+    print("an input of another width than channels is refused")
+
+
 def check_nothing_of_size_k_is_saved() -> None:
     gmnm.set_backend("triton")
     x = torch.randn(64, 10, requires_grad=True)
@@ -130,6 +143,7 @@ def main() -> int:
     check_gradcheck_in_float64()
     check_half_inputs_are_computed_in_fp32()
     check_residual_modules_are_exact()
+    check_an_input_of_another_width_than_channels_is_refused()
     check_nothing_of_size_k_is_saved()
     print("all Triton checks passed")
     return 0
