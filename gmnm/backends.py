@@ -5,7 +5,9 @@ all but `reference` save only the input and the parameters for backward and reco
 Gaussians there, so no [..., K] tensor outlives the forward pass, and reduce the parameter
 gradients per group inside the backward.
 
-- `triton`: a Triton kernel with an explicit backward kernel, for CUDA tensors.
+- `triton`: a Triton kernel with an explicit backward kernel, for CUDA tensors. If a kernel
+  fails to compile or launch on a device, one warning is logged, the failure is remembered
+  (`triton_failure`) and that device uses `recompute` from then on, forced or not.
 - `cpp`: a C++/OpenMP kernel for CPU tensors, built on first use (`gmnm.cpu_kernel`); if the
   build fails, one warning is logged and `auto` moves on to `recompute`.
 - `compile`: the `recompute` path under `torch.compile`. Never picked by `auto`: on CPU the C++
@@ -331,7 +333,8 @@ class _KernelActivation(torch.autograd.Function):
             mode = cpu_kernel.MODE_ACCUMULATE
 
         kernel.ops.forward(xs, out, shape, pi_c, mu_c, scale, mode, a_c, c_c)
-        ctx.save_for_backward(x, pi, mu, rho, *([a] if a is not None else []))
+        linear = [a, c] if a is not None and c is not None else []
+        ctx.save_for_backward(x, pi, mu, rho, *linear)
         ctx.dim, ctx.base, ctx.kernel, ctx.mode = dim, base, kernel, mode  # type: ignore[attr-defined]
         return out.to(x.dtype).view(x.shape)
 
@@ -340,13 +343,14 @@ class _KernelActivation(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, pi, mu, rho, *rest = ctx.saved_tensors  # type: ignore[attr-defined]
-        a: Tensor | None = rest[0] if rest else None
+        a, c = rest if rest else (None, None)
         base: str | None = ctx.base  # type: ignore[attr-defined]
         kernel: _Kernel = ctx.kernel  # type: ignore[attr-defined]
         mode: int = ctx.mode  # type: ignore[attr-defined]
+        dim: int = ctx.dim  # type: ignore[attr-defined]
         dtype = compute_dtype(x, pi)
         storage = _storage_dtype(kernel, x, dtype)
-        shape = layout(x, ctx.dim, pi.shape[0])  # type: ignore[attr-defined]
+        shape = layout(x, dim, pi.shape[0])
         xs = x.contiguous().to(storage)
         grad = grad_out.to(x.dtype).contiguous()
         pi_c, mu_c, scale = _kernel_params(pi, mu, rho, dtype)
@@ -358,9 +362,13 @@ class _KernelActivation(torch.autograd.Function):
             grad_x = base_backward(base, grad, x.contiguous()).to(storage).contiguous()
         else:
             grad_x = torch.empty_like(xs)
-        sums = kernel.ops.backward(
-            xs, grad.to(storage), grad_x, shape, pi_c, mu_c, scale, mode, a_c
-        )
+        try:
+            sums = kernel.ops.backward(
+                xs, grad.to(storage), grad_x, shape, pi_c, mu_c, scale, mode, a_c
+            )
+        except KernelLaunchError:
+            # the backward kernel compiles on its first use, after a forward that ran
+            return _recomputed_gradients(x, pi, mu, rho, a, c, dim, base, grad_out)
 
         k = pi.shape[1]
         pi64, scale64 = pi.detach().double(), scale.double()
@@ -374,6 +382,29 @@ class _KernelActivation(torch.autograd.Function):
             grad_c = sums[:, 3 * k + 1].to(a.dtype)
         grad_input = grad_x.to(x.dtype).view(x.shape)
         return grad_input, grad_pi, grad_mu, grad_rho, grad_a, grad_c, None, None, None
+
+
+def _recomputed_gradients(
+    x: Tensor,
+    pi: Tensor,
+    mu: Tensor,
+    rho: Tensor,
+    a: Tensor | None,
+    c: Tensor | None,
+    dim: int,
+    base: str | None,
+    grad_out: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """`_KernelActivation.backward`'s gradients by the plain path, for a kernel that failed."""
+    linear = [a, c] if a is not None and c is not None else []
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (x, pi, mu, rho, *linear)]
+        x_in, pi_in, mu_in, rho_in = inputs[:4]
+        a_in, c_in = (inputs[4], inputs[5]) if linear else (None, None)
+        out = _recompute_activation(x_in, pi_in, mu_in, rho_in, dim, base, a_in, c_in)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    grad_a, grad_c = (grads[4], grads[5]) if linear else (None, None)
+    return (*grads[:4], grad_a, grad_c, None, None, None)
 
 
 def _kernel_params(pi: Tensor, mu: Tensor, rho: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -428,6 +459,62 @@ def _cpp_available(x: Tensor) -> bool:
 
 _triton_import_error: str | None = None
 _TRITON: _Kernel | None = None
+# device ("cuda:0") -> why the Triton kernels failed there; that device uses `recompute`
+_triton_failures: dict[str, str] = {}
+
+
+class KernelLaunchError(RuntimeError):
+    """A fused kernel failed to compile or launch; the caller computes with the plain path."""
+
+
+class _GuardedTritonOps:
+    """`gmnm.triton_kernels`, with a failure to compile or launch remembered for the device,
+    logged once, and raised as `KernelLaunchError`."""
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> None:
+        self._call(self.kernels.forward, x, *args, **kwargs)
+
+    def backward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out: Tensor = self._call(self.kernels.backward, x, *args, **kwargs)
+        return out
+
+    def _call(self, kernel: Callable[..., Any], x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return kernel(x, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the device is full, not unable to run the kernel
+        except Exception as error:
+            # Triton's compiler and driver fail in many types (its own TritonError, RuntimeError
+            # from the driver, ValueError for pointers it cannot use, AssertionError from code
+            # generation, OSError from ptxas); each means the kernel cannot run on this device
+            _remember_triton_failure(x.device, error)
+            raise KernelLaunchError(str(error)) from error
+
+
+def _remember_triton_failure(device: torch.device, error: BaseException) -> None:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {lines[0]}" if lines else repr(error)
+    _triton_failures[str(device)] = reason
+    logger.warning(
+        "the GMNM Triton kernel failed to compile or launch on %s (%s); falling back to the "
+        "plain PyTorch path on that device, which is slower. Set GMNM_BACKEND=recompute to "
+        "choose the plain path explicitly.",
+        device,
+        reason,
+    )
+
+
+def triton_failure(device: torch.device | str) -> str | None:
+    """Why the Triton kernels failed on `device`, once they have; None otherwise."""
+    return _triton_failures.get(str(device))
+
+
+def reset_triton_failures() -> None:
+    """Forget the devices where the Triton kernels failed, so that the next use tries again."""
+    _triton_failures.clear()
 
 
 def _triton_kernel() -> _Kernel | None:
@@ -441,7 +528,7 @@ def _triton_kernel() -> _Kernel | None:
             logger.info("Triton is not importable (%s); CUDA inputs use another backend", error)
             return None
         native = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        _TRITON = _Kernel(triton_kernels, native=native)
+        _TRITON = _Kernel(_GuardedTritonOps(triton_kernels), native=native)
     return _TRITON
 
 
@@ -451,7 +538,7 @@ def triton_interpreting() -> bool:
 
 
 def _triton_automatic(x: Tensor) -> bool:
-    return x.is_cuda and _triton_kernel() is not None
+    return x.is_cuda and _triton_kernel() is not None and triton_failure(x.device) is None
 
 
 def _triton_available(x: Tensor) -> bool:
@@ -472,7 +559,12 @@ def _triton_activation(
 ) -> Tensor:
     kernel = _triton_kernel()
     assert kernel is not None
-    return _kernel_activation(kernel)(x, pi, mu, rho, dim, base, a, c)
+    if triton_failure(x.device) is None:
+        try:
+            return _kernel_activation(kernel)(x, pi, mu, rho, dim, base, a, c)
+        except KernelLaunchError:
+            pass  # logged and remembered: this device takes the plain path from now on
+    return _recompute_activation(x, pi, mu, rho, dim, base, a, c)
 
 
 def _triton_mixture(x: Tensor, pi: Tensor, mu: Tensor, rho: Tensor, dim: int) -> Tensor:

@@ -6,7 +6,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -251,6 +251,76 @@ def test_a_failing_cpu_build_falls_back_to_plain_pytorch_with_one_warning(
         monkeypatch.undo()
         cpu_kernel.reset()
     assert backends.select(torch.zeros(3)).name == "cpp"
+
+
+@pytest.fixture
+def triton_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The triton backend forced on CPU tensors, where its kernels cannot launch without the
+    interpreter, as on a GPU whose driver or compiler fails them."""
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: True)
+    backends.reset_triton_failures()
+    gmnm.set_backend("triton")
+    yield
+    backends.reset_triton_failures()
+
+
+def test_a_triton_kernel_that_fails_to_launch_falls_back_to_plain_pytorch_with_one_warning(
+    triton_on_the_cpu: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gmnm import triton_kernels
+
+    def failing_launch(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PTX assembly failed: sm_00 is not supported\nmore detail")
+
+    monkeypatch.setattr(triton_kernels, "forward", failing_launch)
+    x, pi, mu, rho, a, c = make_inputs((4, 6), 3, "linear", torch.float32)
+    with caplog.at_level(logging.WARNING, logger="gmnm"):
+        first = GF.activation(x, pi, mu, rho, "linear", a, c)
+        grads = torch.autograd.grad(first.sum(), (x, pi, mu, rho, a, c))
+        second = GF.activation(x, pi, mu, rho, "gelu")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "gmnm.backends"]
+    assert len(warnings) == 1, warnings
+    assert "failed to compile or launch on cpu (RuntimeError: PTX assembly failed" in warnings[0]
+    assert (
+        backends.triton_failure("cpu")
+        == "RuntimeError: PTX assembly failed: sm_00 is not supported"
+    )
+
+    expected = GF.activation_reference(x, pi, mu, rho, "linear", a, c)
+    torch.testing.assert_close(first, expected)
+    want = torch.autograd.grad(expected.sum(), (x, pi, mu, rho, a, c))
+    for got, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, w)
+    torch.testing.assert_close(second, GF.activation_reference(x, pi, mu, rho, "gelu"))
+
+
+def test_a_triton_backward_kernel_that_fails_falls_back_for_the_gradients(
+    triton_on_the_cpu: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gmnm import triton_kernels
+
+    def failing_launch(*args: object, **kwargs: object) -> None:
+        raise ValueError("Pointer argument (at 0) cannot be accessed from Triton")
+
+    # the forward kernel runs (the C++ kernel takes the same arguments), the backward one fails
+    monkeypatch.setattr(triton_kernels, "forward", cpu_kernel.forward)
+    monkeypatch.setattr(triton_kernels, "backward", failing_launch)
+    for base in ("gelu", "linear", None):
+        backends.reset_triton_failures()
+        caplog.clear()
+        inputs = make_inputs((3, 4, 6), 6, base, torch.float64)
+        fn = activation_fn(base, -1)
+        with caplog.at_level(logging.WARNING, logger="gmnm"):
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        assert len([r for r in caplog.records if r.name == "gmnm.backends"]) == 1
+        assert "ValueError: Pointer argument" in (backends.triton_failure("cpu") or "")
+
+        expected = GF.activation_reference(*inputs[:4], base, *inputs[4:])
+        torch.testing.assert_close(out, expected)
+        want = torch.autograd.grad(expected, inputs, torch.ones_like(expected))
+        for got, w in zip(grads, want, strict=True):
+            torch.testing.assert_close(got, w)
 
 
 def test_a_machine_without_a_compiler_imports_and_runs_on_the_plain_path(

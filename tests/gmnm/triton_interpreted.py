@@ -16,7 +16,7 @@ from torch import nn
 
 import gmnm
 from gmnm import functional as GF
-from gmnm.backends import select
+from gmnm.backends import select, triton_failure
 
 # (shape, dim, groups, base): shared, grouped and per-channel parameters along several dims
 CASES = [
@@ -145,6 +145,8 @@ def main() -> int:
     check_residual_modules_are_exact()
     check_an_input_of_another_width_than_channels_is_refused()
     check_nothing_of_size_k_is_saved()
+    # a kernel that failed would have fallen back to the plain path and matched the reference
+    assert triton_failure("cpu") is None, f"the Triton kernels failed: {triton_failure('cpu')}"
     print("all Triton checks passed")
     return 0
 
