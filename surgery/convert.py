@@ -434,7 +434,11 @@ def _build(entry: dict[str, Any], model: nn.Module) -> nn.Module:
     if site.route == ROUTE_MODULE:
         base = model.get_submodule(site.path)
         if isinstance(base, (GMNMActivation, CallSiteActivations)):
-            raise ManifestError(f"site {site.path} is listed twice")
+            raise ManifestError(
+                f"site {site.path} is listed twice (its module is a GMNM module already); the "
+                "manifest was edited or damaged: remove the duplicate entry, or save the model "
+                "again from the converted original"
+            )
     else:
         base = FunctionalActivation(site.op or "", site.arguments)
     copies = int(entry.get("copies", 1))

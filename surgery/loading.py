@@ -224,7 +224,9 @@ def _directory_library(directory: Path) -> str:
     if "architecture" in config:
         return "timm"
     raise UnknownModelError(
-        f"{config_file} names neither a transformers model_type nor a timm architecture"
+        f"{config_file} names neither a transformers model_type nor a timm architecture; give "
+        "a directory written by transformers' save_pretrained (config.json with model_type) or "
+        "by timm's save_for_hf (config.json with architecture)"
     )
 
 
@@ -233,7 +235,10 @@ def _hub_config(ref: str, revision: str | None) -> dict[str, Any]:
     path = hub_file(ref, "config.json", revision)
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict):
-        raise UnknownModelError(f"{ref!r} has a config.json that is not a JSON object")
+        raise UnknownModelError(
+            f"{ref!r} has a config.json that is not a JSON object, so it is not a transformers or "
+            f"timm model repository; give {_ACCEPTED_FORMS}"
+        )
     return data
 
 
@@ -262,13 +267,27 @@ def hub_file(ref: str, filename: str, revision: str | None) -> str:
             "directory"
         ) from error
     except RevisionNotFoundError as error:
-        raise UnknownModelError(f"{ref!r} has no revision {revision!r}") from error
+        raise UnknownModelError(
+            f"{ref!r} has no revision {revision!r}; give a branch, tag or commit hash of the "
+            "repository, or no revision for its default branch"
+        ) from error
     except EntryNotFoundError as error:
-        raise UnknownModelError(f"{ref!r} has no file {filename!r}") from error
+        raise UnknownModelError(
+            f"{ref!r} has no file {filename!r}; {_missing_file_hint(filename)}"
+        ) from error
     except RepositoryNotFoundError as error:
         raise UnknownModelError(
             f"model {ref!r} was not found on the Hugging Face hub; give {_ACCEPTED_FORMS}"
         ) from error
+
+
+def _missing_file_hint(filename: str) -> str:
+    if filename == "config.json":
+        return f"it is not a transformers or timm model repository; give {_ACCEPTED_FORMS}"
+    return (
+        "weights are only read from safetensors files; load it with pretrained=False for random "
+        "weights, or give a repository that publishes safetensors"
+    )
 
 
 def revision_of(path: str) -> str | None:
@@ -459,7 +478,7 @@ def _load_transformers(
         revision=_transformers_revision(ref, revision),
         task=task or infer_task(model),
         num_labels=num_labels if num_labels is not None else _num_labels(model),
-        processor=load_processor(ref, revision),
+        processor=load_processor(ref, revision, trust_remote_code=trust_remote_code),
     )
     return model, source
 
@@ -508,13 +527,22 @@ def infer_task(model: nn.Module) -> str | None:
     return None
 
 
-def load_processor(ref: str | Path, revision: str | None = None) -> Any:
-    """The processor, tokenizer or image processor saved with a model, or None."""
+def load_processor(
+    ref: str | Path, revision: str | None = None, *, trust_remote_code: bool = False
+) -> Any:
+    """The processor, tokenizer or image processor saved with a model, or None.
+
+    `trust_remote_code` is passed on as the caller allowed it for the model: without it
+    transformers asks on stdin before running a repository's processor code.
+    """
     import transformers
 
     for loader in ("AutoProcessor", "AutoTokenizer", "AutoImageProcessor"):
         try:
-            return getattr(transformers, loader).from_pretrained(str(ref), revision=revision)
+            auto = getattr(transformers, loader)
+            return auto.from_pretrained(
+                str(ref), revision=revision, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.debug("no %s for %s: %s", loader, ref, error)
     return None

@@ -10,10 +10,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 from surgery_models import timm_probe, tiny_timm, tiny_transformers
 from timm.models import save_for_hf
 from torch import nn
@@ -119,6 +121,133 @@ def test_valid_references_pass_the_syntax_check_and_local_paths_can_be_refused()
         surgery.validate_reference("/etc", allow_local=False)
 
 
+def test_a_timm_registry_name_builds_its_architecture_without_weights() -> None:
+    loaded = surgery.load_model("resnet18", pretrained=False, num_labels=7)
+    assert (loaded.library, loaded.reference, loaded.revision) == ("timm", "resnet18", None)
+    assert type(loaded.model).__name__ == "ResNet" and loaded.model.fc.out_features == 7
+    assert loaded.task == "image-classification" and loaded.num_labels == 7
+    assert loaded.data_config is not None and loaded.data_config["input_size"] == (3, 224, 224)
+    assert surgery.load_model("resnet18.a1_in1k", pretrained=False).reference == "resnet18.a1_in1k"
+    with pytest.raises(surgery.UnsupportedModelError, match="give the repository as 'hf-hub:"):
+        surgery.load_model("resnet18", pretrained=False, revision="main")
+
+
+class _NoSuchRevisionError(RevisionNotFoundError):
+    def __init__(self) -> None:
+        Exception.__init__(self, "404 Revision Not Found")  # without the HTTP response
+
+
+@pytest.mark.parametrize(
+    ("error", "filename", "advice"),
+    [
+        (_NoSuchRevisionError(), "config.json", "give a branch, tag or commit hash"),
+        (EntryNotFoundError("404"), "config.json", "not a transformers or timm model repository"),
+        (EntryNotFoundError("404"), "model.safetensors", "load it with pretrained=False"),
+    ],
+)
+def test_hub_errors_say_how_to_fix_them(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, filename: str, advice: str
+) -> None:
+    def download(*args: object, **kwargs: object) -> str:
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(surgery.UnknownModelError, match=advice):
+        hub_file("org/name", filename, "v2")
+
+
+def test_a_directory_of_neither_library_says_what_a_model_directory_holds(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(surgery.UnknownModelError, match="save_pretrained .* save_for_hf"):
+        surgery.load_model(str(tmp_path))
+
+
+def test_remote_code_in_a_local_directory_runs_when_allowed(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "configuration_tiny.py").write_text(
+        textwrap.dedent(
+            """
+            from transformers import PretrainedConfig
+
+            class TinyConfig(PretrainedConfig):
+                model_type = "gmnm-test-tiny"
+
+                def __init__(self, hidden_size=8, **kwargs):
+                    self.hidden_size = hidden_size
+                    super().__init__(**kwargs)
+            """
+        )
+    )
+    (model_dir / "modeling_tiny.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+            from transformers import PreTrainedModel
+
+            from .configuration_tiny import TinyConfig
+
+            class TinyModel(PreTrainedModel):
+                config_class = TinyConfig
+
+                def __init__(self, config):
+                    super().__init__(config)
+                    self.fc = nn.Linear(config.hidden_size, config.hidden_size)
+                    self.act = nn.GELU()
+                    self.post_init()
+
+                def forward(self, x):
+                    return self.act(self.fc(x))
+            """
+        )
+    )
+    auto_map = {
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModel": "modeling_tiny.TinyModel",
+    }
+    config = {"model_type": "gmnm-test-tiny", "architectures": ["TinyModel"], "auto_map": auto_map}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    weights = {"fc.weight": torch.full((8, 8), 0.5), "fc.bias": torch.zeros(8)}
+    safetensors.torch.save_file(weights, str(model_dir / "model.safetensors"))
+
+    # transformers copies the repository's code into its modules cache, read once at import
+    script = textwrap.dedent(
+        f"""
+        import torch
+        import surgery
+        try:
+            surgery.load_model({str(model_dir)!r})
+        except surgery.RemoteCodeRefusedError as error:
+            print("refused:", error)
+        loaded = surgery.load_model({str(model_dir)!r}, trust_remote_code=True)
+        print(type(loaded.model).__name__, loaded.library, loaded.task)
+        print(bool((loaded.model.fc.weight == 0.5).all()))
+        probe = torch.randn(2, 8)
+        report = surgery.convert(
+            loaded.model, surgery.plan(loaded.model, probe_inputs=probe), probe_inputs=probe
+        )
+        print(report.sites_replaced, report.max_abs_diff, report.audit)
+        """
+    )
+    env = {
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("refused:") and "trust_remote_code=True" in lines[0]
+    assert lines[1:] == [
+        "TinyModel transformers feature-extraction",
+        "True",
+        "{'activation': 1} 0.0 []",
+    ]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+
 def test_a_model_missing_from_the_offline_cache_is_an_unknown_model() -> None:
     with pytest.raises(surgery.UnknownModelError, match="offline|not found"):
         surgery.load_model("no-such-org/no-such-model-anywhere")
@@ -209,16 +338,27 @@ def test_hub_ids_resolve_offline_from_the_cache_with_their_revision(tmp_path: Pa
     # huggingface_hub reads the cache location once, at import: a fresh interpreter
     script = textwrap.dedent(
         """
+        import torch
         import surgery
         bert = surgery.load_model("org/tiny-bert")
         vit = surgery.load_model("org/tiny-vit")
         hub = surgery.load_model("hf-hub:org/tiny-vit")
+        pinned = surgery.load_model("hf-hub:org/tiny-vit", revision="b" * 40)
+        random = surgery.load_model("hf-hub:org/tiny-vit", pretrained=False)
         try:
             surgery.load_model("org/missing")
         except surgery.UnknownModelError as error:
             missing = str(error)
+        try:
+            surgery.load_model("hf-hub:org/missing")
+        except surgery.UnknownModelError as error:
+            hub_missing = str(error)
         print(bert.library, bert.revision[:4], vit.library, vit.revision[:4], hub.revision[:4])
         print(missing)
+        print(hub.reference, pinned.revision[:4], random.library, random.revision)
+        print(torch.equal(hub.model.head.weight, pinned.model.head.weight))
+        print(torch.equal(hub.model.head.weight, random.model.head.weight))
+        print(hub_missing)
         """
     )
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
@@ -229,6 +369,8 @@ def test_hub_ids_resolve_offline_from_the_cache_with_their_revision(tmp_path: Pa
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "transformers aaaa timm bbbb bbbb"
     assert "offline" in lines[1]
+    assert lines[2:5] == ["hf-hub:org/tiny-vit bbbb timm None", "True", "False"]
+    assert "'org/missing'" in lines[5] and "offline" in lines[5]
 
 
 def test_a_converted_directory_holds_everything_to_rebuild_it(
@@ -321,7 +463,7 @@ def test_an_unconverted_model_saves_and_loads_alike(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage", ["missing_weights", "unknown_module", "foreign_function", "newer"]
+    "damage", ["missing_weights", "unknown_module", "foreign_function", "newer", "twice"]
 )
 def test_damaged_directories_raise_manifest_errors(tmp_path: Path, damage: str) -> None:
     model = tiny_transformers("bert")
@@ -335,11 +477,16 @@ def test_damaged_directories_raise_manifest_errors(tmp_path: Path, damage: str) 
         manifest["sites"][0]["site"]["path"] = manifest["sites"][0]["module"] = "encoder.nowhere"
     elif damage == "foreign_function":
         manifest["attention"]["eager"] = {"encoder.layer.0.attention.self": "os:system"}
+    elif damage == "twice":
+        manifest["sites"].append(manifest["sites"][0])
     else:
         manifest["format_version"] = 99
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(surgery.ManifestError):
+    with pytest.raises(surgery.ManifestError) as damaged:
         surgery.load(tmp_path)
+    if damage == "twice":
+        assert "listed twice" in str(damaged.value)
+        assert "remove the duplicate entry" in str(damaged.value)
 
 
 def test_gmnm_parameter_names_leave_out_the_replaced_modules_own_parameters() -> None:
