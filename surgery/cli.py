@@ -99,25 +99,14 @@ def run(args: argparse.Namespace) -> int:
         save,
     )
 
-    if not args.dry_run and not args.out:
-        logger.error("--out is required to save the converted model (or use --dry-run)")
+    problems = _option_problems(args, KINDS)
+    if problems:
+        logger.error("invalid options: %s", "; ".join(problems))
         return EXIT_INVALID
-    targets = [kind.strip() for kind in args.targets.split(",") if kind.strip()]
-    unknown = [kind for kind in targets if kind not in KINDS]
-    if unknown or not targets:
-        logger.error(
-            "--targets %r names unknown kinds %s; valid kinds are %s",
-            args.targets,
-            unknown,
-            ", ".join(KINDS),
-        )
-        return EXIT_INVALID
-    try:
-        config = GMNMConfig(num_components=args.components, init=args.init)
-        groups: int | str = args.groups if args.groups == "channel" else int(args.groups)
-    except ValueError as error:
-        logger.error("invalid option: %s", error)
-        return EXIT_INVALID
+    targets = _targets(args.targets)
+    groups = _groups(args.groups)
+    assert groups is not None
+    config = GMNMConfig(num_components=args.components, init=args.init)
     try:
         loaded = load_model(
             args.model,
@@ -170,6 +159,47 @@ def run(args: argparse.Namespace) -> int:
         ]
         _write("\n".join(lines), False)
     return EXIT_OK
+
+
+def _targets(text: str) -> list[str]:
+    return [kind.strip() for kind in text.split(",") if kind.strip()]
+
+
+def _groups(text: str) -> int | str | None:
+    """--groups as convert takes it, or None when it is neither "channel" nor a positive int."""
+    if text == "channel":
+        return text
+    try:
+        groups = int(text)
+    except ValueError:
+        return None
+    return groups if groups >= 1 else None
+
+
+def _option_problems(args: argparse.Namespace, kinds: tuple[str, ...]) -> list[str]:
+    """Every problem with the options, each naming its flag, so that all are reported at once."""
+    problems = []
+    if not args.dry_run and not args.out:
+        problems.append("--out is required to save the converted model (or use --dry-run)")
+    targets = _targets(args.targets)
+    unknown = [kind for kind in targets if kind not in kinds]
+    if unknown or not targets:
+        problems.append(
+            f"--targets {args.targets!r} names unknown kinds {unknown}; valid kinds are "
+            f"{', '.join(kinds)}"
+        )
+    if args.components < 1:
+        problems.append(
+            f"--components must be at least 1 (Gaussian components per mixture), got "
+            f"{args.components}"
+        )
+    if _groups(args.groups) is None:
+        problems.append(
+            f'--groups must be 1, a larger number of groups or "channel", got {args.groups!r}'
+        )
+    if args.num_labels is not None and args.num_labels < 1:
+        problems.append(f"--num-labels must be at least 1, got {args.num_labels}")
+    return problems
 
 
 def _write(content: Any, as_json: bool) -> None:

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from surgery_models import tiny_transformers
+from transformers import GPT2Model
 
 import surgery
 from service.cli import main
+from surgery.persistence import MANIFEST_FILE
 
 
 @pytest.fixture
@@ -68,3 +71,48 @@ def test_an_include_pattern_that_matches_nothing_exits_2_and_saves_nothing(
     code = main(["convert", str(model_dir), "--out", str(out_dir), "--include", "h.9.*"])
     assert code == 2 and not out_dir.exists()
     assert "'h.9.*' match no site of GPT2Model" in caplog.text
+
+
+def test_invalid_options_are_reported_together_naming_their_flags(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = main(
+        ["convert", str(model_dir), "--components", "0", "--groups", "0", "--num-labels", "0"]
+    )
+    assert code == 2
+    message = caplog.records[-1].getMessage()
+    for flag in ("--out", "--components", "--groups", "--num-labels"):
+        assert flag in message, flag
+    assert "num_components" not in message
+
+
+def test_init_include_and_no_pretrained_reach_the_conversion(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "out"
+    code = main(
+        [
+            "convert",
+            str(model_dir),
+            "--out",
+            str(out_dir),
+            "--init",
+            "fit",
+            "--include",
+            "h.0.mlp.*",
+            "--no-pretrained",
+            "--json",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["report"]["init"] == "fit" and result["report"]["fit_max_error"] is not None
+    assert result["report"]["sites_replaced"] == {"activation": 1}
+    assert [s["path"] for s in result["plan"]["sites"] if s["replace"]] == ["h.0.mlp.act"]
+
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    assert [entry["config"]["init"] for entry in manifest["sites"]] == ["fit"]
+    # random weights from the config, not the directory's
+    original = GPT2Model.from_pretrained(model_dir)
+    converted = surgery.load(out_dir)
+    assert not torch.equal(converted.h[0].attn.c_attn.weight, original.h[0].attn.c_attn.weight)
