@@ -432,7 +432,12 @@ class Supervisor:
             job.heartbeat_at = self.db.clock(session)
             job.stop_reason = None
             job.stop_requested_at = None
-            job.progress = {**(job.progress or {}), "attempt_started": now}
+            # The finish estimate waits for this attempt's own rate: an earlier one's says
+            # nothing about how long this one has spent starting up or will take per step.
+            progress = dict(job.progress or {})
+            for key in ("rate_from_time", "rate_from_step"):
+                progress.pop(key, None)
+            job.progress = {**progress, "attempt_started": now}
             self._event(session, job.id, f"Job started on {device} (attempt {job.attempts}).")
             session.flush()
             session.expunge(job)
