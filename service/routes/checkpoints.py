@@ -59,8 +59,10 @@ def _source(context: ServiceContext, record: CheckpointRecord) -> Path:
     if not source.is_dir():
         raise ApiError(
             410,
-            f"Checkpoint {record.id} is recorded but its directory is gone from the data "
-            "directory; it cannot be downloaded.",
+            f"Checkpoint {record.id} is recorded but its directory ({record.path}) is gone "
+            "from the server's data directory, so it cannot be archived or downloaded; ask the "
+            "operator to restore that directory from a backup, or create a job like "
+            f"{record.job_id} again to write a new checkpoint.",
             type="invalid_request_error",
             code="checkpoint_missing",
         )
