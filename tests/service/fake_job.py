@@ -4,7 +4,9 @@
 
 It counts steps (sleeping between them), writes an event per step, a checkpoint every few steps
 and at the end, stops with a checkpoint on SIGTERM or a CANCEL file, and resumes from its newest
-checkpoint. Knobs make it fail, ignore SIGTERM, or start a child process in its group.
+checkpoint. Knobs make it fail (at once, or at a step of its first attempt), wait before it
+starts (as loading a model does; a stop request ends the wait), ignore SIGTERM, or start a child
+process in its group.
 """
 
 from __future__ import annotations
@@ -77,6 +79,18 @@ def latest_step(out: Path) -> int:
     return max(steps, default=0)
 
 
+def fail(out: Path, code: str) -> int:
+    error = {"code": code, "message": f"the fake job failed with {code}"}
+    (out / protocol.ERROR_FILE).write_text(json.dumps(error))
+    event(out, type="message", message="failing on purpose", level="error")
+    return protocol.EXIT_FAILED
+
+
+def stop_asked(out: Path, args: argparse.Namespace) -> bool:
+    cancel_file = (out / protocol.CANCEL_FILE).exists() and not args.ignore_sigterm
+    return stop_requested or cancel_file
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
@@ -86,6 +100,10 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.01)
     parser.add_argument("--checkpoint-every", type=int, default=2)
     parser.add_argument("--fail-with", default=None)
+    parser.add_argument(
+        "--fail-at-step", type=int, default=None, help="fail on reaching it, unless resuming"
+    )
+    parser.add_argument("--start-seconds", type=float, default=0.0, help="before any work")
     parser.add_argument("--ignore-sigterm", action="store_true", help="and the CANCEL file")
     parser.add_argument("--spawn-child", action="store_true")
     args = parser.parse_args()
@@ -99,10 +117,14 @@ def main() -> int:
         (out / "child.pid").write_text(str(child.pid))
 
     if args.fail_with:
-        error = {"code": args.fail_with, "message": f"the fake job failed with {args.fail_with}"}
-        (out / protocol.ERROR_FILE).write_text(json.dumps(error))
-        event(out, type="message", message="failing on purpose", level="error")
-        return protocol.EXIT_FAILED
+        return fail(out, args.fail_with)
+
+    started = time.monotonic()
+    while time.monotonic() - started < args.start_seconds:
+        time.sleep(0.02)
+        if stop_asked(out, args):
+            event(out, type="message", message="stopped before starting")
+            return protocol.EXIT_CANCELLED
 
     if args.kind == "conversion":
         plan = {"sites": [{"path": "mlp.act", "kind": "activation"}]}
@@ -123,14 +145,15 @@ def main() -> int:
     event(out, type="message", message=f"training from step {start} to {total}")
     loss = 1.0
     for step in range(start + 1, total + 1):
+        if step == args.fail_at_step and not args.resume:
+            return fail(out, "failed_at_step")
         time.sleep(args.step_seconds)
         loss = 1.0 / step
         values = {"loss": loss, "learning_rate": 0.001, "tokens": step * 32}
         event(out, type="metrics", step=step, total_steps=total, epoch=step / total, values=values)
         if step % args.checkpoint_every == 0 or step == total:
             checkpoint(out, step, loss)
-        cancel_file = (out / protocol.CANCEL_FILE).exists() and not args.ignore_sigterm
-        if stop_requested or cancel_file:
+        if stop_asked(out, args):
             checkpoint(out, step, loss)
             event(out, type="message", message=f"stopped at step {step}")
             return protocol.EXIT_CANCELLED
