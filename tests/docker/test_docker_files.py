@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,16 +199,16 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise AssertionError(f"no healthy /healthz within 90 s: {log.read_text()[-3000:]}")
 
 
-@pytest.mark.timeout(300)
-def test_image_command_serves_health_and_an_authorised_conversion(
-    dockerfile: DockerfileParser, tmp_path: Path
-) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
+@contextmanager
+def _image_server(
+    dockerfile: DockerfileParser, data_dir: Path, settings: dict[str, str]
+) -> Iterator[str]:
+    """Run the image's command on a free port with its environment plus `settings`; yield the
+    URL once /healthz answers, and stop it with the image's stop signal afterwards."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**_image_environment(dockerfile, data_dir), "GMNM_API_KEYS": KEY}
-    log = tmp_path / "server.log"
+    env = {**_image_environment(dockerfile, data_dir), **settings}
+    log = data_dir.parent / "server.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             _image_command(dockerfile, data_dir, port),
@@ -216,6 +218,23 @@ def test_image_command_serves_health_and_an_authorised_conversion(
         )
     try:
         _wait_healthy(url, process, log)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.timeout(300)
+def test_image_command_serves_health_and_an_authorised_conversion(
+    dockerfile: DockerfileParser, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with _image_server(dockerfile, data_dir, {"GMNM_API_KEYS": KEY}) as url:
         headers = {"Authorization": f"Bearer {KEY}"}
         assert httpx.post(f"{url}/v1/conversions", json={"model": "resnet18"}).status_code == 401
         body = {"model": "resnet18", "pretrained": False, "targets": ["activation"]}
@@ -232,22 +251,14 @@ def test_image_command_serves_health_and_an_authorised_conversion(
         assert job["checkpoint_id"]
         # everything the image keeps went under the volume: database, job, extension cache
         assert (data_dir / "gmnm.db").is_file() and (data_dir / "jobs" / job["id"]).is_dir()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_image_command_refuses_to_listen_on_all_interfaces_without_keys(
     dockerfile: DockerfileParser, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GMNM_")}
     result = subprocess.run(
         _image_command(dockerfile, tmp_path, _free_port()),
-        env=env,
+        env=_image_environment(dockerfile, tmp_path),
         capture_output=True,
         text=True,
         timeout=120,
@@ -261,23 +272,9 @@ def test_image_command_without_keys_starts_when_a_proxy_authenticates(
     dockerfile: DockerfileParser, tmp_path: Path
 ) -> None:
     """GMNM_ALLOW_NO_AUTH=1 is the one way to run the image without keys: requests need none."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**_image_environment(dockerfile, tmp_path), "GMNM_ALLOW_NO_AUTH": "1"}
-    log = tmp_path / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            _image_command(dockerfile, tmp_path, port), env=env, stdout=sink, stderr=sink
-        )
-    try:
-        _wait_healthy(url, process, log)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with _image_server(dockerfile, data_dir, {"GMNM_ALLOW_NO_AUTH": "1"}) as url:
         listed = httpx.get(f"{url}/v1/conversions", timeout=30)
         assert listed.status_code == 200, listed.text
         assert listed.json()["data"] == []
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
