@@ -59,6 +59,8 @@ class ExecutorUnavailableError(RuntimeError):
 class JobHandle(Protocol):
     # The job's process id on this host; 0 when it runs elsewhere (a Ray cluster).
     pid: int
+    # Launched but not started yet: a cluster still looking for the resources it asks for.
+    waiting: bool
 
     def poll(self) -> int | None:
         """The exit status once the job has ended (negative: killed by that signal), else None."""
@@ -168,6 +170,8 @@ def torchrun_command(command: list[str], num_processes: int) -> list[str]:
 
 class LocalProcess:
     """One job process and its process group."""
+
+    waiting = False  # a local process starts at once
 
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self._process = process

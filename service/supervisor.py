@@ -63,7 +63,6 @@ from service.executors import (
     process_belongs_to,
     signal_group,
 )
-from service.executors_ray import RayJobHandle
 from service.layout import CHECKPOINT_PREFIX, FILE_PREFIX, Layout, new_id
 from service.settings import Settings
 from training import protocol
@@ -553,7 +552,7 @@ class Supervisor:
         """Tell the user when a job waits on its Ray cluster for resources, and when it starts
         there; its time limit counts from then, since a job the cluster has not started yet has
         not run."""
-        waiting = isinstance(running.handle, RayJobHandle) and running.handle.waiting
+        waiting = running.handle.waiting
         if waiting == running.waiting:
             return
         running.waiting = waiting

@@ -29,6 +29,7 @@ from service.supervisor import Supervisor, requested_nodes
 
 class RecordedHandle:
     pid = 99_999_999  # no such process: nothing real is ever signalled
+    waiting = False
 
     def __init__(self) -> None:
         self.status: int | None = None

@@ -247,6 +247,7 @@ class _Endless:
     """An executor whose jobs run until told otherwise, with nothing on this host."""
 
     pid = 0
+    waiting = False
 
     def launch(self, launch: Launch) -> _Endless:
         return self
