@@ -152,8 +152,9 @@ def checkpoint_curves(checkpoint_id: str, context: Context, owner: Owner) -> Res
     if not path.is_file():
         raise ApiError(
             404,
-            f"The job that wrote checkpoint {record.id} has not drawn its curves yet; they "
-            "appear when a fine-tune finishes.",
+            f"The job that wrote checkpoint {record.id} has no curves: a fine-tune draws them "
+            "when it ends, and conversions and evaluations draw none. Ask again for a "
+            "fine-tune's checkpoint once that job has finished.",
             code="curves_not_found",
         )
     return DownloadResponse(path, media_type="image/png")
